@@ -1,0 +1,1 @@
+"""Sub-commands of the ``steersample`` CLI (see ``steersample.cli``)."""
