@@ -189,7 +189,8 @@ class GuidanceSchedule:
 
         Returns:
             The guided prediction, shaped like ``pred_cond``. Where ``w(σ) == 1`` for every
-            sample, ``pred_cond`` itself is returned unchanged (no arithmetic).
+            sample, ``pred_cond`` itself is returned unchanged (no arithmetic); with per-sample σ,
+            samples at ``w == 1`` get their ``pred_cond`` values exactly.
         """
         if isinstance(sigma, Tensor) and sigma.numel() != 1:
             w = self.scale_at(sigma)
@@ -202,7 +203,8 @@ class GuidanceSchedule:
                 )
             w = w.to(device=pred_cond.device, dtype=pred_cond.dtype)
             w = w.reshape(w.shape + (1,) * (pred_cond.ndim - w.ndim))
-            return pred_uncond + w * (pred_cond - pred_uncond)
+            # samples whose scale is exactly 1 keep pred_cond bit for bit, as in the scalar case
+            return torch.where(w == 1.0, pred_cond, pred_uncond + w * (pred_cond - pred_uncond))
         if isinstance(sigma, Tensor):
             sigma = sigma.item()
         w = self.scale_at(sigma)
