@@ -1,0 +1,164 @@
+"""Argument handling shared by the steered pipelines (no loop here: that is ``steersample.sampling``).
+
+Every steered pipeline resolves its extra arguments the same way, before any model call:
+
+- :func:`resolve_guidance`: ``guidance=`` (a ``GuidanceSchedule`` or a float) versus the stock
+  scale argument (``guidance_scale`` for SD3 and the class-conditional pipeline,
+  ``true_cfg_scale`` for Flux), which means ``GuidanceSchedule(scale=w)``;
+- :func:`steersample.steering.resolve_steering`: names or instances, reference requirements;
+- :func:`check_reference`, :func:`check_latents`: shapes and finiteness;
+- :func:`per_run_scheduler`: a copy of the pipeline's scheduler with its timesteps set, so that
+  concurrent calls on one pipeline do not share scheduler state.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from diffusers.utils import BaseOutput
+
+__all__ = [
+    "SteeredPipelineOutput",
+    "resolve_guidance",
+    "check_reference",
+    "check_latents",
+    "per_run_scheduler",
+    "uses_uncond",
+    "finish",
+]
+
+
+@dataclass
+class SteeredPipelineOutput(BaseOutput):
+    """Output of the steered pipelines.
+
+    Attributes:
+        images: as the stock pipeline returns them (list of PIL images, ``(B, H, W, C)`` numpy
+            array, ``(B, C, H, W)`` tensor, or latents for ``output_type="latent"``).
+        telemetry: ``steersample.Telemetry`` when the call had ``return_telemetry=True``, else None.
+    """
+
+    images: Any
+    telemetry: Any = None
+
+
+def resolve_guidance(guidance: Any, scale: float | None, default: float, scale_name: str):
+    """The run's ``GuidanceSchedule`` from ``guidance=`` and the stock scale argument.
+
+    The stock argument keeps its stock meaning, ``GuidanceSchedule.from_guidance_scale(w)``:
+    CFG with scale ``w`` when ``w > 1``, no CFG otherwise (so any stock call gives stock
+    output). ``guidance=w`` (a number) is ``GuidanceSchedule(scale=w)``, where every scale but
+    exactly 1.0 is applied (``0 < w < 1``, ``w = 0``, and negative "opposite" guidance).
+
+    Args:
+        guidance: None, a number (constant scale), or a ``GuidanceSchedule``.
+        scale: the stock argument's value (None when the caller did not pass it).
+        default: the stock default of that argument.
+        scale_name: its name, for error messages.
+
+    Raises:
+        ValueError: both are given and ``guidance`` is not the constant schedule ``scale`` means.
+        TypeError: ``guidance`` is neither a number nor a schedule.
+    """
+    from steersample.guidance import GuidanceSchedule
+
+    if guidance is not None and not isinstance(guidance, GuidanceSchedule):
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+            raise TypeError(
+                f"guidance must be a steersample.GuidanceSchedule or a number (constant scale), "
+                f"got {type(guidance).__name__}: {guidance!r}"
+            )
+        guidance = GuidanceSchedule(scale=float(guidance))
+    if guidance is None:
+        return GuidanceSchedule.from_guidance_scale(default if scale is None else scale)
+    if scale is not None and _constant_value(guidance) != max(float(scale), 1.0):
+        raise ValueError(
+            f"got both {scale_name}={scale!r} and guidance={guidance!r}, which disagree; pass only "
+            f"one ({scale_name}=w means guidance=GuidanceSchedule(scale=w) for w > 1)"
+        )
+    return guidance
+
+
+def _constant_value(guidance: Any) -> float | None:
+    """The scale of a schedule that is constant on (0, 1], else None."""
+    lo, hi = guidance.window
+    values = {guidance.scale}
+    if hi < 1.0:
+        values.add(guidance.scale_above)
+    if lo > 0.0:
+        values.add(guidance.scale_below)
+    return values.pop() if len(values) == 1 else None
+
+
+def uses_uncond(guidance: Any, sigmas: torch.Tensor) -> bool:
+    """True when ``guidance`` needs an unconditional pass at any of the run's step sigmas."""
+    return any(guidance.needs_uncond(s) for s in sigmas[:-1].tolist())
+
+
+def check_reference(reference: Any, shape: Sequence[int]) -> None:
+    """Raise ``ValueError`` unless ``reference.latents`` has per-sample shape ``shape``."""
+    if reference is None:
+        return
+    latents = getattr(reference, "latents", None)
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(
+            f"reference must be a steersample.ReferenceSet, got {type(reference).__name__}"
+        )
+    if tuple(latents.shape[1:]) != tuple(shape):
+        raise ValueError(
+            f"reference latents have per-sample shape {tuple(latents.shape[1:])}, but this call's "
+            f"latents have shape {tuple(shape)}; build the ReferenceSet from latents of the same "
+            "size (same height/width, the pipeline's latent space: VAE latents scaled as the "
+            "transformer sees them, or pixels in [-1, 1] without a VAE)"
+        )
+
+
+def check_latents(latents: torch.Tensor | None, shape: Sequence[int] | None = None) -> None:
+    """Raise ``ValueError`` if user ``latents`` contain NaN/inf or do not have ``shape``."""
+    if latents is None:
+        return
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+    if shape is not None and tuple(latents.shape) != tuple(shape):
+        raise ValueError(
+            f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)} for this call "
+            "(batch size x latent shape); pass matching latents or leave latents=None"
+        )
+    if not torch.isfinite(latents).all():
+        raise ValueError(
+            "latents contain NaN or infinite values; pass finite initial noise "
+            "(e.g. torch.randn with a generator) or leave latents=None"
+        )
+
+
+def per_run_scheduler(
+    scheduler: Any,
+    num_inference_steps: int | None,
+    device: torch.device | str,
+    sigmas: Sequence[float] | None = None,
+    **kwargs: Any,
+):
+    """A deep copy of ``scheduler`` with timesteps set (``retrieve_timesteps`` semantics).
+
+    Returns ``(scheduler_copy, timesteps)``. The copy keeps the run's step index and sigma grid
+    off the shared pipeline, so one pipeline can serve concurrent calls.
+    """
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+        retrieve_timesteps,
+    )
+
+    run_scheduler = copy.deepcopy(scheduler)
+    timesteps, _ = retrieve_timesteps(
+        run_scheduler, num_inference_steps, device, sigmas=sigmas, **kwargs
+    )
+    return run_scheduler, timesteps
+
+
+def finish(images: Any, telemetry: Any, return_dict: bool, return_telemetry: bool):
+    """Stock-shaped return value: an output object, or ``(images,)`` / ``(images, telemetry)``."""
+    if not return_dict:
+        return (images, telemetry) if return_telemetry else (images,)
+    return SteeredPipelineOutput(images=images, telemetry=telemetry)

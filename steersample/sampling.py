@@ -1,0 +1,263 @@
+"""The one denoising loop every steered pipeline calls (``DESIGN.md``, "The denoising loop").
+
+Pipelines only prepare inputs (a model adapter, latents, a scheduler with its timesteps set,
+the conditioning) and decode; :func:`sample` owns the iteration. Per step i, with the diffusers
+flow convention (sigma = 1 is noise, ``timestep = 1000 * sigma``, the model predicts
+``v = eps - x0``):
+
+    sigma, sigma_next = scheduler.sigmas[i], scheduler.sigmas[i + 1]
+    if guidance.needs_uncond(sigma):                       # CFG window: skip the pass outside
+        v_uncond, v_cond = model([x, x], t, [uncond, cond]) # one batched pass (SD3, DiT)
+                                                            # or two passes (Flux true CFG)
+    else:
+        v_cond, v_uncond = model(x, t, cond), None
+    v = guidance.combine(v_cond, v_uncond, sigma)           # v_u + w(sigma) (v_c - v_u)
+    for steerer in steering:                                # StepState -> adjusted v
+        v = steerer(StepState(..., pred=v, x0_hat=x - sigma * v)).prediction
+    x = scheduler.step(v, t, x)                             # Euler: x + (sigma_next - sigma) v
+    telemetry; callback_on_step_end(pipeline, i, t, {"latents": x, ...})   # stock semantics
+
+Every piece of per-run state (telemetry recorder, stacked conditioning, step counter) is a local
+of :func:`sample`; the pipeline, the scheduler passed in (the pipelines pass a per-run copy) and
+the steerers are only read. Numerics: the loop does not cast; the scheduler integrates in
+float32 as diffusers does, the model adapter casts at the model call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from steersample.steering import SteeringOutput
+from steersample.telemetry import Telemetry, TelemetryRecorder
+
+__all__ = ["ModelFn", "Conditioning", "LatentLayout", "StepState", "SampleResult", "sample"]
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, Mapping[str, Any], str], torch.Tensor]
+"""``model_fn(x, t, cond, branch) -> v``: x ``(R, *shape)``, t the scheduler's 0-d timestep,
+``cond`` keyword tensors with R rows, ``branch`` one of ``"cond"``, ``"uncond"``, ``"both"``
+(the batched ``[uncond, cond]`` pass; adapters may use it for cache contexts). Returns v with
+x's shape."""
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the model is conditioned on.
+
+    Attributes:
+        cond: keyword arguments of the conditional pass (tensors have B rows).
+        uncond: keyword arguments of the unconditional pass, or None when none is available.
+        batched: True: cond and uncond run as one pass on ``cat([uncond, cond])`` (every tensor
+            value is concatenated along dim 0, recursively through dicts; other values come from
+            ``cond``), as the stock SD3 pipeline does. False: two passes, cond first (Flux).
+        labels: ``(B,)`` class labels (class-conditional models), used by reference telemetry.
+        callback_keys: callback tensor name -> key of ``cond`` (e.g. SD3
+            ``{"prompt_embeds": "encoder_hidden_states"}``). Callbacks see and may replace the
+            *conditional* tensors.
+    """
+
+    cond: Mapping[str, Any]
+    uncond: Mapping[str, Any] | None = None
+    batched: bool = True
+    labels: torch.Tensor | None = None
+    callback_keys: Mapping[str, str] = field(default_factory=dict)
+
+    def stacked(self) -> dict[str, Any]:
+        """Keyword arguments of the batched pass: ``[uncond, cond]`` along dim 0."""
+        if self.uncond is None:
+            raise ValueError("this conditioning has no unconditional branch to stack")
+        return _stack(self.uncond, self.cond)
+
+
+def _stack(uncond: Any, cond: Any) -> Any:
+    if isinstance(cond, torch.Tensor):
+        return torch.cat([uncond, cond], dim=0)
+    if isinstance(cond, Mapping):
+        return {key: _stack(uncond[key], value) for key, value in cond.items()}
+    return cond
+
+
+@dataclass(frozen=True)
+class LatentLayout:
+    """How the loop's latents relate to a reference set's layout.
+
+    ``shape`` is one sample's shape in reference layout; ``to_reference`` maps loop latents
+    ``(B, ...)`` to ``(B, *shape)`` and ``from_reference`` maps back (identity when None; Flux
+    packs ``(C, H, W)`` latents into ``(H/2 * W/2, 4C)`` tokens and unpacks them here).
+    """
+
+    shape: tuple[int, ...]
+    to_reference: Callable[[torch.Tensor], torch.Tensor] | None = None
+    from_reference: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """Loop latents -> reference layout."""
+        return x if self.to_reference is None else self.to_reference(x)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference layout -> loop latents."""
+        return x if self.from_reference is None else self.from_reference(x)
+
+
+@dataclass(frozen=True)
+class StepState:
+    """Everything a steerer may read at step ``step`` (tensors are ``(B, *shape)``).
+
+    ``pred`` is the guided velocity after the previous steerers, ``pred_cond``/``pred_uncond``
+    the raw model outputs (``pred_uncond`` None where the guidance window skipped it), and
+    ``x0_hat = latents - sigma * pred`` the one-step denoised estimate.
+    """
+
+    step: int
+    num_steps: int
+    sigma: float
+    sigma_next: float
+    timestep: torch.Tensor
+    latents: torch.Tensor
+    pred: torch.Tensor
+    pred_cond: torch.Tensor
+    pred_uncond: torch.Tensor | None
+    guidance_scale: float
+    conditioning: Conditioning
+    layout: LatentLayout
+    reference: Any = None
+
+    @property
+    def x0_hat(self) -> torch.Tensor:
+        """One-step denoised estimate ``x_sigma - sigma * v``."""
+        return self.latents - self.sigma * self.pred
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """``(B,)`` class labels, or None for text-conditioned models."""
+        return self.conditioning.labels
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """The loop's output: final latents (loop layout) and telemetry (None unless requested)."""
+
+    latents: torch.Tensor
+    telemetry: Telemetry | None = None
+
+
+def sample(
+    model_fn: ModelFn,
+    latents: torch.Tensor,
+    scheduler: Any,
+    conditioning: Conditioning,
+    guidance: Any,
+    *,
+    steering: Sequence[Any] = (),
+    reference: Any = None,
+    layout: LatentLayout | None = None,
+    pipeline: Any = None,
+    callback_on_step_end: Callable[..., dict] | None = None,
+    callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    return_telemetry: bool = False,
+) -> SampleResult:
+    """Run the denoising loop over ``scheduler.timesteps`` (set them before calling).
+
+    Args:
+        model_fn: model adapter, see :data:`ModelFn`.
+        latents: ``(B, ...)`` initial noise x at sigma = scheduler.sigmas[0].
+        scheduler: a diffusers flow-matching scheduler with ``timesteps``, ``sigmas`` and
+            ``step``; it is stepped in place, so pass a per-run copy.
+        conditioning: see :class:`Conditioning`.
+        guidance: a ``GuidanceSchedule`` (``needs_uncond``, ``scale_at``, ``combine``).
+        steering: steerer instances, applied in order (``steering.resolve_steering``).
+        reference: ``ReferenceSet`` in ``layout.shape`` (or None); feeds steerers and telemetry.
+        layout: reference layout of the latents (default: identity, ``latents.shape[1:]``).
+        pipeline: the calling pipeline: ``progress_bar``, ``interrupt`` and the first argument
+            of ``callback_on_step_end``. None runs without progress bar or interruption.
+        callback_on_step_end: ``callback(pipeline, i, t, callback_kwargs) -> dict``, called after
+            the scheduler step; a returned ``"latents"`` replaces the current latents, a returned
+            name from ``conditioning.callback_keys`` replaces that conditional tensor.
+        callback_on_step_end_tensor_inputs: names put in ``callback_kwargs``.
+        return_telemetry: build a :class:`~steersample.telemetry.Telemetry` record.
+
+    Returns:
+        :class:`SampleResult` with the final latents.
+    """
+    layout = layout or LatentLayout(tuple(latents.shape[1:]))
+    timesteps = scheduler.timesteps
+    sigmas = scheduler.sigmas.tolist()
+    num_steps = len(timesteps)
+    num_warmup_steps = max(num_steps - num_steps * scheduler.order, 0)
+    recorder = (
+        TelemetryRecorder(reference, layout.unpack, conditioning.labels) if return_telemetry else None
+    )
+    stacked = None  # the batched [uncond, cond] keywords, built on first use
+    progress = pipeline.progress_bar(total=num_steps) if pipeline is not None else None
+
+    with progress if progress is not None else contextlib.nullcontext() as bar:
+        for i, t in enumerate(timesteps):
+            if pipeline is not None and getattr(pipeline, "interrupt", False):
+                continue
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+
+            # 1. model: conditional pass, plus the unconditional one where guidance needs it
+            need_uncond = guidance.needs_uncond(sigma)
+            if need_uncond and conditioning.batched:
+                stacked = stacked if stacked is not None else conditioning.stacked()
+                v_uncond, v_cond = model_fn(torch.cat([latents] * 2), t, stacked, "both").chunk(2)
+            else:
+                v_cond = model_fn(latents, t, conditioning.cond, "cond")
+                v_uncond = (
+                    model_fn(latents, t, conditioning.uncond, "uncond") if need_uncond else None
+                )
+            model_evals = 2 if need_uncond else 1
+
+            # 2. guidance: v = v_uncond + w(sigma) * (v_cond - v_uncond)
+            v_guided = v = guidance.combine(v_cond, v_uncond, sigma)
+            scale = guidance.scale_at(sigma) if need_uncond else 1.0
+
+            # 3. steerers, in order, each on the prediction left by the previous one
+            scores: dict[str, Any] = {}
+            for steerer in steering:
+                state = StepState(
+                    i, num_steps, sigma, sigma_next, t, latents, v, v_cond, v_uncond, scale,
+                    conditioning, layout, reference,
+                )
+                out: SteeringOutput = steerer(state)
+                v = out.prediction
+                scores.update({f"{steerer.name}.{k}": val for k, val in out.telemetry.items()})
+
+            # 4. scheduler step x_sigma -> x_sigma_next, then telemetry on (x_sigma, v)
+            latents_next = scheduler.step(v, t, latents, return_dict=False)[0]
+            if recorder is not None:
+                recorder.record(
+                    step=i, sigma=sigma, sigma_next=sigma_next, model_evals=model_evals,
+                    guidance_scale=scale, latents=latents, x0_hat=latents - sigma * v,
+                    v_guided=v_guided, v_steered=v, scores=scores,
+                )
+            latents = latents_next
+
+            # 5. callback_on_step_end (stock semantics: returned tensors replace ours)
+            if callback_on_step_end is not None:
+                callback_kwargs = {
+                    name: latents if name == "latents" else conditioning.cond[conditioning.callback_keys[name]]
+                    for name in callback_on_step_end_tensor_inputs
+                }
+                returned = callback_on_step_end(pipeline, i, t, callback_kwargs) or {}
+                latents = returned.pop("latents", latents)
+                edits = {
+                    conditioning.callback_keys[name]: value
+                    for name, value in returned.items()
+                    if name in conditioning.callback_keys
+                }
+                if edits:
+                    conditioning = replace(conditioning, cond={**conditioning.cond, **edits})
+                    stacked = None
+
+            if bar is not None and (
+                i == num_steps - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0)
+            ):
+                bar.update()
+
+    telemetry = recorder.finish(latents) if recorder is not None else None
+    return SampleResult(latents=latents, telemetry=telemetry)
