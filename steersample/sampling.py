@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
