@@ -12,7 +12,7 @@ A run of S steps on a batch of B samples gives one :class:`StepTelemetry` per st
     tel.oracle_index        # (S, B) argmax_i gamma_i, the reference sample the posterior favours
     tel.nearest_index       # (S, B) nearest reference sample to x0_hat = x_sigma - sigma * v
     tel.final.nn_ratio      # (B,)   d(x, NN1) / d(x, NN2) of the final latents
-    tel.final.is_copy       # (B,)   nn_ratio < 1/3 (the ratio test, SCIENCE.md section 6)
+    tel.final.is_copy       # (B,)   nn_ratio < 1/3 (metrics.COPY_THRESHOLD; SCIENCE.md section 6)
 
 **Model-evaluation convention.** One evaluation is one forward of the model on the B samples
 of the batch. A batched conditional + unconditional pass (a forward on 2B rows, as SD3 and the
@@ -33,10 +33,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["COPY_RATIO", "StepTelemetry", "SampleTelemetry", "Telemetry", "TelemetryRecorder"]
-
-COPY_RATIO = 1.0 / 3.0
-"""A sample is flagged as a copy when d(NN1) / d(NN2) < COPY_RATIO (ratio test)."""
+__all__ = ["StepTelemetry", "SampleTelemetry", "Telemetry", "TelemetryRecorder"]
 
 
 @dataclass(frozen=True)
@@ -187,6 +184,12 @@ class TelemetryRecorder:
             self._oracle = EmpiricalOracle(reference)
             if labels is not None and getattr(reference, "labels", None) is not None:
                 self._labels = labels.detach().cpu()
+                missing = sorted(set(self._labels.tolist()) - set(reference.labels.tolist()))
+                if missing:
+                    raise ValueError(
+                        f"the reference set has no samples of classes {missing}, which this call "
+                        "generates; add them to the ReferenceSet or pass one without labels"
+                    )
         self._steps: list[StepTelemetry] = []
 
     def record(
@@ -235,16 +238,20 @@ class TelemetryRecorder:
         """Close the run: per-sample nearest neighbour, ratio and copy flag of ``latents``."""
         final = None
         if self._reference is not None:
+            from steersample.metrics import COPY_THRESHOLD
+
             x = self._to_reference(latents).detach().float().cpu()
             dist, idx = self._reference.nearest(x, k=2)
             dist, idx = torch.as_tensor(dist).double(), torch.as_tensor(idx)
-            ratio = dist[:, 0] / dist[:, 1].clamp_min(torch.finfo(torch.float64).tiny)
+            # ratio test as in steersample.metrics.nn_ratio (0 / 0 := 0, an exact duplicate)
+            d1, d2 = dist[:, 0], dist[:, 1]
+            ratio = torch.where(d2 > 0, d1 / torch.where(d2 > 0, d2, torch.ones_like(d2)), torch.zeros_like(d1))
             final = SampleTelemetry(
                 nearest_index=idx[:, 0].cpu(),
                 nearest_distance=dist[:, 0].cpu(),
                 second_distance=dist[:, 1].cpu(),
                 nn_ratio=ratio.cpu(),
-                is_copy=(ratio < COPY_RATIO).cpu(),
+                is_copy=(ratio < COPY_THRESHOLD).cpu(),
             )
         return Telemetry(steps=tuple(self._steps), final=final)
 
