@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "PhaseProfile": "steersample.phases",
     "GuidanceSchedule": "steersample.guidance",
     "PhaseAwareFlowMatchScheduler": "steersample.scheduler",
+    "ScheduledClassifierFreeGuidance": "steersample.guider",
     "StepState": "steersample.sampling",
     "Telemetry": "steersample.telemetry",
     "load_default": "steersample.default",
