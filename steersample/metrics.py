@@ -16,7 +16,10 @@ import torch
 
 from steersample.reference import ReferenceSet
 
-__all__ = ["COPY_THRESHOLD", "nn_ratio", "copy_rate"]
+__all__ = ["COPY_THRESHOLD", "nn_ratio", "copy_rate",
+           # judge (steersample.judge)
+           "class_accuracy", "classify", "copy_flags", "digit_features", "diversity",
+           "frechet_distance", "judge", "judge_classifier"]
 
 COPY_THRESHOLD = 1.0 / 3.0
 
@@ -49,3 +52,7 @@ def copy_rate(samples: torch.Tensor, reference: ReferenceSet,
     """Share of samples whose :func:`nn_ratio` is below ``threshold`` (default 1/3)."""
     ratio = nn_ratio(samples, reference, labels)
     return float((ratio < threshold).to(torch.float64).mean())
+
+# the independent judge of generated digits (steersample.judge), reachable as ss.metrics.*
+from steersample.judge import (class_accuracy, classify, copy_flags, digit_features,  # noqa: E402
+                               diversity, frechet_distance, judge, judge_classifier)
