@@ -124,6 +124,13 @@ def test_scale_noise_and_per_token_parity():
     x0, eps = torch.randn(2, 4, generator=torch.Generator().manual_seed(0)), torch.randn(2, 4)
     t = stock.timesteps[2:3]
     assert torch.equal(stock.scale_noise(x0, t, eps), ours.scale_noise(x0, t, eps))
+    # per-token timesteps (LTX-style): (B, L) timesteps for a (B, L, C) sample
+    sample = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(2))
+    per_token = stock.timesteps[1].expand(2, 5).clone()
+    per_token[:, :2] = stock.timesteps[3]
+    a = stock.step(torch.ones_like(sample), stock.timesteps[1], sample, per_token_timesteps=per_token)
+    b = ours.step(torch.ones_like(sample), ours.timesteps[1], sample, per_token_timesteps=per_token)
+    assert torch.equal(a.prev_sample, b.prev_sample)
 
 
 # ------------------------------------------------------------------ phase-aware mode
