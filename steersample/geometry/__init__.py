@@ -1,0 +1,29 @@
+"""Geometry diagnostics: local dimension (geometric memorisation) and log-density ridges.
+
+    from steersample import geometry
+    res = geometry.local_dimension(denoise_fn, x, sigma)   # x: (1, *shape)
+    res.singular_values, res.dimension                     # spectrum of (1 - σ)·∂x̂₀/∂x, count > 0.5
+    denoise_fn = geometry.as_denoiser(oracle_or_pipeline_or_transformer, labels=3)
+    proj = geometry.project_to_ridge(reference, x, sigma, dim=1, labels=3)
+    parts = geometry.decompose_error(v_hat - v_star, proj)  # normal + tangential
+
+``local_dimension`` follows Achilli et al. (arXiv 2410.08727, SCIENCE.md §2); the ridge of the
+Gaussian-smoothed reference set and the reach / align / slide picture follow He, Qiu & Tao
+(arXiv 2602.06021, SCIENCE.md §4).
+"""
+
+from __future__ import annotations
+
+from steersample.geometry.adapters import OracleDenoiser, VelocityDenoiser, as_denoiser
+from steersample.geometry.local_dimension import (DenoiseFn, LocalDimension, jacobian_matrix,
+                                                  local_dimension)
+
+__all__ = [
+    "DenoiseFn",
+    "LocalDimension",
+    "OracleDenoiser",
+    "VelocityDenoiser",
+    "as_denoiser",
+    "jacobian_matrix",
+    "local_dimension",
+]
