@@ -1,0 +1,182 @@
+"""Report pieces of ``steersample compare``: the JSON summary, its Markdown table, the PNG sheet.
+
+Kept apart from the command so the command reads as "validate, generate, judge, write".
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["render_markdown", "render_sheet", "summarise"]
+
+
+def _group(report, samples, labels, held_x, held_y, classes) -> dict:
+    """Copy rate, accuracy and FD pooled over the samples of ``classes``."""
+    from steersample.judge import frechet_distance
+
+    figures = report.for_classes(classes)
+    mask = torch.isin(labels, torch.tensor(list(classes), dtype=labels.dtype))
+    held = torch.isin(held_y, torch.tensor(list(classes), dtype=held_y.dtype))
+    fd = None
+    if int(mask.sum()) >= 2 and int(held.sum()) >= 2:
+        fd = frechet_distance(samples[mask], held_x[held])
+    return {"classes": list(classes), **figures, "fd": fd}
+
+
+def summarise(runs: dict, info, classes: list[int], args, seconds: float) -> dict:
+    """The JSON report: settings, then per run pooled / rare / frequent / per-class figures."""
+    from steersample.default import held_out_digits
+
+    held_x, held_y = held_out_digits(info)
+    rare = [c for c in classes if c in info.rare_classes]
+    frequent = [c for c in classes if c in info.frequent_classes]
+    out = {
+        "model": str(info.path),
+        "model_git_commit": info.git_commit,
+        "classes": classes,
+        "rare_classes": rare,
+        "frequent_classes": frequent,
+        "samples_per_class": args.samples,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        "copy_test": "ratio d(NN1)/d(NN2) < 1/3 against the training set (pixels)",
+        "settings": {},
+        "results": {},
+    }
+    for name, (setting, samples, report, evals, secs) in runs.items():
+        labels = torch.tensor(classes).repeat_interleave(args.samples)
+        out["settings"][name] = {"description": setting.description,
+                                 "guidance": setting.guidance.to_dict(),
+                                 "steering": [getattr(s, "name", str(s)) for s in setting.steering]}
+        out["results"][name] = {
+            "copy_rate": report.copy_rate,
+            "accuracy": report.accuracy,
+            "fd": report.fd,
+            "rare": _group(report, samples, labels, held_x, held_y, rare) if rare else None,
+            "frequent": (_group(report, samples, labels, held_x, held_y, frequent)
+                         if frequent else None),
+            "per_class": [{"label": r.label, "kind": "rare" if r.label in rare else "frequent",
+                           "count": r.count, "copy_rate": r.copy_rate, "accuracy": r.accuracy,
+                           "fd": r.fd, "diversity": r.diversity} for r in report.per_class],
+            "model_evals_per_sample": evals,
+            "model_evals": evals * len(labels),
+            "seconds": secs,
+        }
+    out["seconds_total"] = seconds
+    return out
+
+
+def _f(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def render_markdown(summary: dict) -> str:
+    """Markdown: settings, a per-class table (plain vs steered), group rows, cost."""
+    res, names = summary["results"], list(summary["results"])
+    lines = [
+        "# steersample compare",
+        "",
+        f"Model `{summary['model']}` (trained from commit `{summary['model_git_commit'][:12]}`); "
+        f"{summary['samples_per_class']} samples per class, {summary['steps']} steps, "
+        f"guidance {summary['guidance']:g}, seed {summary['seed']}.",
+        "",
+    ]
+    for name in names:
+        lines.append(f"- **{name}**: {summary['settings'][name]['description']}")
+    lines += ["", f"Copy: {summary['copy_test']}. Accuracy: the judge's SVC. FD: to the held-out "
+              "digits of that class, 16-d PCA features. Diversity: mean pairwise l2.", ""]
+    head = ["class", "kind"]
+    for metric in ("copy", "accuracy", "FD", "diversity"):
+        head += [f"{metric} {n}" for n in names]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    per = {n: {r["label"]: r for r in res[n]["per_class"]} for n in names}
+    for label in summary["classes"]:
+        row = [str(label), per[names[0]][label]["kind"]]
+        for key, digits in (("copy_rate", 2), ("accuracy", 2), ("fd", 1), ("diversity", 2)):
+            row += [_f(per[n][label][key], digits) for n in names]
+        lines.append("| " + " | ".join(row) + " |")
+    for group in ("rare", "frequent"):
+        if res[names[0]][group] is None:
+            continue
+        row = [f"**{group}**", ", ".join(map(str, res[names[0]][group]["classes"]))]
+        for key, digits in (("copy_rate", 2), ("accuracy", 2), ("fd", 1)):
+            row += [f"**{_f(res[n][group][key], digits)}**" for n in names]
+        row += ["" for _ in names]
+        lines.append("| " + " | ".join(row) + " |")
+    row = ["**all**", ""]
+    for key, digits in (("copy_rate", 2), ("accuracy", 2), ("fd", 1)):
+        row += [f"**{_f(res[n][key], digits)}**" for n in names]
+    lines += ["| " + " | ".join(row + ["" for _ in names]) + " |", ""]
+    lines += ["| run | model evaluations per sample | model evaluations | seconds |",
+              "|---|---|---|---|"]
+    for n in names:
+        lines.append(f"| {n} | {res[n]['model_evals_per_sample']} | {res[n]['model_evals']} | "
+                     f"{res[n]['seconds']:.2f} |")
+    lines += ["", f"Total time {summary['seconds_total']:.1f} s.", ""]
+    return "\n".join(lines)
+
+
+def _tile(image: torch.Tensor, scale: int) -> np.ndarray:
+    """(1, 8, 8) in [-1, 1] -> (8*scale, 8*scale) grey in [0, 1], dark strokes on white."""
+    grey = (1.0 - (image[0].clamp(-1, 1) + 1.0) / 2.0).numpy()
+    return np.kron(grey, np.ones((scale, scale)))
+
+
+def render_sheet(runs: dict, reference, classes: list[int], samples: int, shown: int, info) -> bytes:
+    """PNG bytes: one row per class; per run, pairs (sample | nearest training image).
+
+    A red frame marks a copy (ratio test), a grey one a novel sample.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = max(1, min(shown, samples))
+    scale, pad, gap = 4, 3, 24
+    cell = 8 * scale
+    pair_w = 2 * cell + 3 * pad
+    block_w = shown * (pair_w + pad)
+    names = list(runs)
+    width = len(names) * block_w + (len(names) - 1) * gap
+    row_h = cell + 2 * pad + 6
+    canvas = np.ones((len(classes) * row_h, width, 3))
+    for run_i, name in enumerate(names):
+        _, x, report, _, _ = runs[name]
+        _, nn_idx = reference.nearest(x.to(reference.latents.dtype), k=1)
+        nearest = reference.latents[nn_idx[:, 0]].float().cpu()
+        for row, c in enumerate(classes):
+            for j in range(shown):
+                k = row * samples + j
+                top = row * row_h + 3
+                left = run_i * (block_w + gap) + j * (pair_w + pad)
+                frame = (0.85, 0.1, 0.1) if bool(report.copy[k]) else (0.75, 0.75, 0.75)
+                canvas[top:top + cell + 2 * pad, left:left + pair_w] = frame
+                for col, img in enumerate((x[k], nearest[k])):
+                    y0, x0 = top + pad, left + pad + col * (cell + pad)
+                    canvas[y0:y0 + cell, x0:x0 + cell] = _tile(img, scale)[..., None]
+    fig_w, fig_h = (width + 90) / 100, (canvas.shape[0] + 70) / 100
+    fig = plt.figure(figsize=(fig_w, fig_h), dpi=100)
+    ax = fig.add_axes((70 / (width + 90), 10 / (canvas.shape[0] + 70), width / (width + 90),
+                       canvas.shape[0] / (canvas.shape[0] + 70)))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_xticks([i * (block_w + gap) + block_w / 2 for i in range(len(names))])
+    ax.set_xticklabels([f"{n}  (sample | nearest training image)" for n in names])
+    ax.xaxis.tick_top()
+    ax.set_yticks([r * row_h + row_h / 2 for r in range(len(classes))])
+    ax.set_yticklabels([f"{c} {'rare' if c in info.rare_classes else 'freq'}" for c in classes])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    fig.text(0.01, 0.005, "red frame: copy (d1/d2 < 1/3 vs training set)", fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

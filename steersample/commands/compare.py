@@ -1,0 +1,195 @@
+"""Plain versus steered sampling on the same seeds, judged for copies, accuracy and quality.
+
+Loads the embedded default model (or --model FOLDER written by scripts/train_default.py),
+draws --samples images of every requested class twice from the same initial noise: once plain
+(constant CFG at --guidance) and once steered (the setting named in the report; today Jain et
+al.'s delayed guidance, arXiv 2411.16738). Every sample is judged by steersample.judge:
+copy = ratio test d(NN1)/d(NN2) < 1/3 against the model's training set; class accuracy = an
+SVC trained on all 1,797 digits; FD to the held-out digits in a fixed 16-d PCA space;
+diversity = mean pairwise distance.
+
+Writes into --out: sheet.png (plain | steered, each sample beside its nearest training image,
+copies framed in red), report.json and report.md. Existing files are replaced only once the
+new ones are complete; nothing else in the folder is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["NAME", "HELP", "DEFAULT_GUIDANCE", "DEFAULT_SAMPLES", "DEFAULT_STEPS", "Setting",
+           "add_arguments", "run", "settings"]
+
+NAME = "compare"
+HELP = "plain vs steered samples of the embedded default on the same seeds: sheet + report"
+
+DEFAULT_GUIDANCE = 2.0
+DEFAULT_SAMPLES = 32
+DEFAULT_STEPS = 30
+DEFAULT_OUT = Path("steersample-out") / "compare"
+_SEED_STRIDE = 10_000  # sample k of class c uses seed + c * _SEED_STRIDE + k
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One sampling configuration: a name, a description, and the pipeline arguments."""
+
+    name: str
+    description: str
+    guidance: object  # a GuidanceSchedule
+    steering: tuple = ()
+
+
+def settings(guidance: float) -> tuple[Setting, Setting]:
+    """(plain, steered) at CFG scale ``guidance``.
+
+    THE place that says what "steered" means: the best memorisation controls that exist. Today
+    that is Jain et al.'s delayed guidance (no CFG while sigma > 0.5, then ``guidance``); the
+    memorisation issue replaces it with its best measured steerer.
+    """
+    from steersample.guidance import GuidanceSchedule
+
+    plain = Setting("plain", f"constant CFG {guidance:g}", GuidanceSchedule.constant(guidance))
+    steered = Setting(
+        "steered", f"Jain et al. delayed CFG: scale 1 for sigma > 0.5, then {guidance:g}",
+        GuidanceSchedule.delayed(guidance, 0.5))
+    return plain, steered
+
+
+# ----------------------------------------------------------------------------- arguments
+def _class_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"class {text!r} is not an integer; use digits 0-9")
+    if not 0 <= value <= 9:
+        raise argparse.ArgumentTypeError(f"class {value} is outside 0-9; use digits 0-9")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None, metavar="FOLDER",
+                        help="a model folder written by scripts/train_default.py "
+                             "(default: the embedded default)")
+    parser.add_argument("--classes", type=_class_id, nargs="+", default=None, metavar="C",
+                        help="digit classes to sample (default: all, 0-9)")
+    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                        help="samples per class, for each of plain and steered")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps")
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                        help="CFG scale (plain: everywhere; steered: inside its window)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help=f"base seed; sample k of class c uses seed + {_SEED_STRIDE}*c + k")
+    parser.add_argument("--sheet-samples", type=int, default=8,
+                        help="samples per class shown on the sheet")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="FOLDER",
+                        help="output folder for sheet.png, report.json and report.md")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _validate(args: argparse.Namespace) -> list[int]:
+    classes = list(range(10)) if args.classes is None else list(dict.fromkeys(args.classes))
+    for c in classes:
+        if not isinstance(c, int) or not 0 <= c <= 9:
+            raise ValueError(f"class {c!r} is outside 0-9; pass --classes with digits 0-9")
+    for name in ("samples", "steps"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {value}")
+    if args.samples < 2:
+        raise ValueError(f"--samples must be at least 2 (diversity and FD need two), got {args.samples}")
+    if args.sheet_samples < 0:
+        raise ValueError(f"--sheet-samples must be >= 0, got {args.sheet_samples}")
+    if not torch.isfinite(torch.tensor(args.guidance)):
+        raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
+    return classes
+
+
+def _check_writable(out: Path) -> None:
+    """Create ``out`` if needed and prove a file can be written there (nothing is deleted)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".steersample-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise PermissionError(
+            f"cannot write to the output folder {str(out)!r} ({err.strerror or err}); "
+            f"pass --out with a folder you can write to"
+        ) from err
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, then rename: an old file survives a failure."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------- generation
+def _generate(pipe, setting: Setting, labels: torch.Tensor, seeds: list[int], steps: int,
+              bar) -> tuple[torch.Tensor, int, float]:
+    """Samples (B, 1, 8, 8) in [-1, 1], model evaluations per sample, seconds."""
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def on_step_end(pipeline, i, t, kwargs):
+        if bar is not None:
+            bar.update(1)
+        return kwargs
+
+    start = time.perf_counter()
+    out = pipe(class_labels=labels, guidance=setting.guidance, steering=list(setting.steering),
+               num_inference_steps=steps, generator=generators, output_type="latent",
+               return_telemetry=True, callback_on_step_end=on_step_end)
+    seconds = time.perf_counter() - start
+    return out.images.float().clamp(-1.0, 1.0), out.telemetry.total_model_evals, seconds
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from steersample.commands._compare_report import render_markdown, render_sheet, summarise
+    from steersample.default import held_out_digits, load_default, load_default_info
+    from steersample.judge import judge
+
+    classes = _validate(args)
+    _check_writable(args.out)
+    t0 = time.perf_counter()
+    info = load_default_info(args.model)
+    pipe, reference = load_default(args.model)
+    held_x, held_y = held_out_digits(info)
+
+    labels = torch.tensor(classes).repeat_interleave(args.samples)
+    seeds = [args.seed + _SEED_STRIDE * c + k for c in classes for k in range(args.samples)]
+    runs = {}
+    with tqdm(total=2 * args.steps, desc="compare", unit="step", disable=args.no_progress) as bar:
+        for setting in settings(args.guidance):
+            bar.set_postfix_str(setting.name)
+            samples, evals, seconds = _generate(pipe, setting, labels, seeds, args.steps, bar)
+            report = judge(samples, labels, reference, held_x, held_y)
+            runs[setting.name] = (setting, samples, report, evals, seconds)
+
+    summary = summarise(runs, info, classes, args, seconds=time.perf_counter() - t0)
+    sheet = render_sheet(runs, reference, classes, args.samples, args.sheet_samples, info)
+    markdown = render_markdown(summary)
+    # all three files exist in memory: only now replace anything on disk
+    _write_atomic(args.out / "sheet.png", sheet)
+    _write_atomic(args.out / "report.json", (json.dumps(summary, indent=1) + "\n").encode())
+    _write_atomic(args.out / "report.md", markdown.encode())
+    print(markdown)
+    print(f"wrote {args.out / 'sheet.png'}, {args.out / 'report.json'}, {args.out / 'report.md'}")
+    return 0

@@ -1,0 +1,127 @@
+"""The embedded default model: a tiny class-conditional flow-matching DiT on 8x8 digits.
+
+``load_default()`` returns ``(SteeredFlowPipeline, ReferenceSet)`` from package data, offline:
+
+    pipe, ref = ss.load_default()
+    out = pipe(class_labels=[0, 3], num_inference_steps=30, output_type="latent",
+               generator=torch.Generator().manual_seed(0))
+    out.images                       # (2, 1, 8, 8) pixels in [-1, 1]; "np"/"pt"/"pil" give [0, 1]
+
+The model (``assets/default/``) was trained by ``scripts/train_default.py`` on an imbalanced
+split of scikit-learn's digits: a few images of each *rare* class (it copies them) and many of
+each *frequent* class (it generalises). ``ref`` is its training set (latents = training images
+``(N, 1, 8, 8)`` in [-1, 1], labels); ``load_default_info()`` has the split, the rare and
+frequent classes, the training config and the commit it was trained from, and
+``held_out_digits()`` the real digits it never saw (the quality reference).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["DEFAULT_MODEL_DIR", "DefaultInfo", "held_out_digits", "load_default",
+           "load_default_info"]
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default"
+_REQUIRED = ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+             "scheduler/scheduler_config.json", "reference.safetensors", "metadata.json")
+_RETRAIN = "retrain it with `python scripts/train_default.py --out FOLDER` or pass a folder it wrote"
+
+
+@dataclass(frozen=True)
+class DefaultInfo:
+    """What ``metadata.json`` of a default-model folder records."""
+
+    path: Path
+    rare_classes: tuple[int, ...]
+    frequent_classes: tuple[int, ...]
+    null_class: int
+    train_indices: tuple[int, ...]  # indices into steersample.data.load_digits()
+    held_out_indices: tuple[int, ...]
+    training_config: dict
+    git_commit: str
+    command: str
+
+
+def _folder(path: str | os.PathLike | None) -> Path:
+    folder = DEFAULT_MODEL_DIR if path is None else Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"model folder {str(folder)!r} does not exist; pass the folder that "
+            f"scripts/train_default.py wrote (it holds transformer/, scheduler/, "
+            f"reference.safetensors and metadata.json), or omit it for the embedded default"
+        )
+    missing = [name for name in _REQUIRED if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(
+            f"model folder {str(folder)!r} is incomplete: missing {', '.join(missing)}; {_RETRAIN}"
+        )
+    return folder
+
+
+def load_default_info(path: str | os.PathLike | None = None) -> DefaultInfo:
+    """Read the metadata of the default model folder (``path``; None = the embedded one)."""
+    folder = _folder(path)
+    try:
+        meta = json.loads((folder / "metadata.json").read_text())
+        return DefaultInfo(
+            path=folder,
+            rare_classes=tuple(int(c) for c in meta["rare_classes"]),
+            frequent_classes=tuple(int(c) for c in meta["frequent_classes"]),
+            null_class=int(meta["null_class"]),
+            train_indices=tuple(int(i) for i in meta["split"]["train_indices"]),
+            held_out_indices=tuple(int(i) for i in meta["split"]["held_out_indices"]),
+            training_config=dict(meta["training_config"]),
+            git_commit=str(meta.get("git_commit", "unknown")),
+            command=str(meta.get("command", "")),
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"model folder {str(folder)!r} has an unreadable metadata.json "
+            f"({type(err).__name__}: {err}); {_RETRAIN}"
+        ) from err
+
+
+def held_out_digits(info: DefaultInfo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real digits the model never saw: images ``(M, 1, 8, 8)`` in [-1, 1], labels ``(M,)``."""
+    from steersample.data import load_digits
+
+    info = load_default_info() if info is None else info
+    images, labels = load_digits()
+    idx = torch.tensor(info.held_out_indices, dtype=torch.long)
+    return images[idx], labels[idx]
+
+
+def load_default(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+    """Load the default model: ``(SteeredFlowPipeline, ReferenceSet)``, with no network access.
+
+    Args:
+        path: a folder written by ``scripts/train_default.py``; None = the embedded default.
+        device: where the transformer and the reference latents go.
+    """
+    from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    from steersample.pipelines import SteeredFlowPipeline
+    from steersample.reference import ReferenceSet
+
+    folder = _folder(path)
+    try:
+        transformer = DiTTransformer2DModel.from_pretrained(
+            folder / "transformer", local_files_only=True, use_safetensors=True)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+            folder / "scheduler", local_files_only=True)
+        reference = ReferenceSet.load(folder / "reference.safetensors", device=device)
+    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"model folder {str(folder)!r} could not be loaded ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); {_RETRAIN}"
+        ) from err
+    transformer.eval()
+    pipe = SteeredFlowPipeline(transformer=transformer, scheduler=scheduler).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, reference
