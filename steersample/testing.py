@@ -129,8 +129,10 @@ def tiny_vae(latent_channels: int = 4, seed: int = 0):
     ).eval()
 
 
-def tiny_sd3_transformer(width: int = 32, num_layers: int = 1, sample_size: int = 8, seed: int = 0):
-    """``SD3Transformer2DModel`` with hidden size ``width`` (heads of 8), patch 1, 4 channels."""
+def tiny_sd3_transformer(
+    width: int = 32, num_layers: int = 1, sample_size: int = 8, head_dim: int = 8, seed: int = 0
+):
+    """``SD3Transformer2DModel`` with hidden size ``width`` (heads of ``head_dim``), patch 1."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
@@ -139,8 +141,8 @@ def tiny_sd3_transformer(width: int = 32, num_layers: int = 1, sample_size: int 
         patch_size=1,
         in_channels=4,
         num_layers=num_layers,
-        attention_head_dim=8,
-        num_attention_heads=width // 8,
+        attention_head_dim=head_dim,
+        num_attention_heads=width // head_dim,
         caption_projection_dim=width,
         joint_attention_dim=_T5_DIM,
         pooled_projection_dim=2 * _CLIP_PROJECTION,
@@ -149,9 +151,15 @@ def tiny_sd3_transformer(width: int = 32, num_layers: int = 1, sample_size: int 
 
 
 def tiny_flux_transformer(
-    width: int = 32, num_layers: int = 1, guidance_embeds: bool = False, seed: int = 0
+    width: int = 32,
+    num_layers: int = 1,
+    guidance_embeds: bool = False,
+    head_dim: int = 16,
+    seed: int = 0,
 ):
-    """``FluxTransformer2DModel`` with hidden size ``width`` (heads of 16), 4 packed channels."""
+    """``FluxTransformer2DModel`` with hidden size ``width`` (heads of ``head_dim``, a multiple
+    of 8), 4 packed channels, ``num_layers`` double- and ``num_layers`` single-stream blocks."""
+    axes = [4, 4, 8] if head_dim == 16 else [head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8]
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
@@ -160,11 +168,11 @@ def tiny_flux_transformer(
         in_channels=4,
         num_layers=num_layers,
         num_single_layers=num_layers,
-        attention_head_dim=16,
-        num_attention_heads=width // 16,
+        attention_head_dim=head_dim,
+        num_attention_heads=width // head_dim,
         joint_attention_dim=_T5_DIM,
         pooled_projection_dim=_CLIP_PROJECTION,
-        axes_dims_rope=[4, 4, 8],
+        axes_dims_rope=axes,
         guidance_embeds=guidance_embeds,
     ).eval()
 
@@ -211,6 +219,7 @@ def tiny_sd3_pipeline(
     width: int = 32,
     num_layers: int = 1,
     sample_size: int = 8,
+    head_dim: int = 8,
     seed: int = 0,
 ):
     """A CPU SD3 pipeline: tiny transformer, two CLIP encoders, ``text_encoder_3=None``, tiny VAE.
@@ -223,7 +232,7 @@ def tiny_sd3_pipeline(
 
     pipeline_class = pipeline_class or StableDiffusion3Pipeline
     pipe = pipeline_class(
-        transformer=tiny_sd3_transformer(width, num_layers, sample_size, seed=seed),
+        transformer=tiny_sd3_transformer(width, num_layers, sample_size, head_dim, seed=seed),
         scheduler=scheduler if scheduler is not None else FlowMatchEulerDiscreteScheduler(),
         vae=tiny_vae(latent_channels=4, seed=seed),
         text_encoder=tiny_clip_text_encoder(True, seed=seed),
@@ -244,6 +253,7 @@ def tiny_flux_pipeline(
     width: int = 32,
     num_layers: int = 1,
     guidance_embeds: bool = False,
+    head_dim: int = 16,
     seed: int = 0,
 ):
     """A CPU Flux pipeline: tiny transformer, CLIP + T5 encoders, tiny VAE (1 latent channel).
@@ -255,7 +265,7 @@ def tiny_flux_pipeline(
 
     pipeline_class = pipeline_class or FluxPipeline
     pipe = pipeline_class(
-        transformer=tiny_flux_transformer(width, num_layers, guidance_embeds, seed=seed),
+        transformer=tiny_flux_transformer(width, num_layers, guidance_embeds, head_dim, seed=seed),
         scheduler=scheduler if scheduler is not None else FlowMatchEulerDiscreteScheduler(),
         vae=tiny_vae(latent_channels=1, seed=seed),
         text_encoder=tiny_clip_text_encoder(False, seed=seed),
