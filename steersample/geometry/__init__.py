@@ -17,13 +17,21 @@ from __future__ import annotations
 from steersample.geometry.adapters import OracleDenoiser, VelocityDenoiser, as_denoiser
 from steersample.geometry.local_dimension import (DenoiseFn, LocalDimension, jacobian_matrix,
                                                   local_dimension)
+from steersample.geometry.ridge import (ErrorDecomposition, RidgeFrame, RidgeProjection,
+                                        decompose_error, project_to_ridge, ridge_frame)
 
 __all__ = [
     "DenoiseFn",
+    "ErrorDecomposition",
     "LocalDimension",
     "OracleDenoiser",
+    "RidgeFrame",
+    "RidgeProjection",
     "VelocityDenoiser",
     "as_denoiser",
+    "decompose_error",
     "jacobian_matrix",
     "local_dimension",
+    "project_to_ridge",
+    "ridge_frame",
 ]
