@@ -207,3 +207,24 @@ def test_from_pipe_shares_components(pipe):
     other.set_progress_bar_config(disable=True)
     kw = dict(class_labels=[4], num_inference_steps=2, output_type="np")
     np.testing.assert_array_equal(other(**kw, generator=gen()).images, pipe(**kw, generator=gen()).images)
+
+
+def test_concurrent_calls_on_one_pipeline_match_sequential_calls(pipe):
+    """Per-run state lives in the loop (and a per-run scheduler copy), not on the pipeline."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [
+        dict(class_labels=[1, 2], num_inference_steps=6, guidance=GuidanceSchedule(scale=3.0, window=(0.3, 0.8))),
+        dict(class_labels=[5], num_inference_steps=3, guidance_scale=2.0),
+        dict(class_labels=[7, 8, 9], num_inference_steps=4, guidance_scale=1.0),
+    ]
+
+    def run(job, seed):
+        return pipe(**job, generator=gen(seed), output_type="latent").images
+
+    sequential = [run(job, k) for k, job in enumerate(jobs)]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        for _ in range(2):
+            concurrent = list(pool.map(run, jobs, range(len(jobs))))
+            for a, b in zip(sequential, concurrent):
+                assert torch.equal(a, b)
