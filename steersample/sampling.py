@@ -219,8 +219,10 @@ def sample(
             scores: dict[str, Any] = {}
             for steerer in steering:
                 state = StepState(
-                    i, num_steps, sigma, sigma_next, t, latents, v, v_cond, v_uncond, scale,
-                    conditioning, layout, reference,
+                    step=i, num_steps=num_steps, sigma=sigma, sigma_next=sigma_next, timestep=t,
+                    latents=latents, pred=v, pred_cond=v_cond, pred_uncond=v_uncond,
+                    guidance_scale=scale, conditioning=conditioning, layout=layout,
+                    reference=reference,
                 )
                 out: SteeringOutput = steerer(state)
                 v = out.prediction
@@ -238,20 +240,12 @@ def sample(
 
             # 5. callback_on_step_end (stock semantics: returned tensors replace ours)
             if callback_on_step_end is not None:
-                callback_kwargs = {
-                    name: latents if name == "latents" else conditioning.cond[conditioning.callback_keys[name]]
-                    for name in callback_on_step_end_tensor_inputs
-                }
-                returned = callback_on_step_end(pipeline, i, t, callback_kwargs) or {}
-                latents = returned.pop("latents", latents)
-                edits = {
-                    conditioning.callback_keys[name]: value
-                    for name, value in returned.items()
-                    if name in conditioning.callback_keys
-                }
-                if edits:
-                    conditioning = replace(conditioning, cond={**conditioning.cond, **edits})
-                    stacked = None
+                latents, edited = _step_end_callback(
+                    callback_on_step_end, pipeline, i, t, latents, conditioning,
+                    callback_on_step_end_tensor_inputs,
+                )
+                if edited is not conditioning:
+                    conditioning, stacked = edited, None
 
             if bar is not None and (
                 i == num_steps - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0)
@@ -260,3 +254,18 @@ def sample(
 
     telemetry = recorder.finish(latents) if recorder is not None else None
     return SampleResult(latents=latents, telemetry=telemetry)
+
+
+def _step_end_callback(callback, pipeline, i, t, latents, conditioning, names):
+    """Call ``callback(pipeline, i, t, kwargs)``; return the (possibly replaced) latents and
+    conditioning. ``kwargs`` holds ``latents`` and the conditional tensors named in ``names``."""
+    keys = conditioning.callback_keys
+    kwargs = {
+        name: latents if name == "latents" else conditioning.cond[keys[name]] for name in names
+    }
+    returned = dict(callback(pipeline, i, t, kwargs) or {})
+    latents = returned.pop("latents", latents)
+    edits = {keys[name]: value for name, value in returned.items() if name in keys}
+    if edits:
+        conditioning = replace(conditioning, cond={**conditioning.cond, **edits})
+    return latents, conditioning
