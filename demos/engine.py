@@ -1,0 +1,285 @@
+"""The studio's models and its one operation: sample plain and steered on the same seeds.
+
+No gradio here. :class:`StudioModel` wraps a loaded pipeline, its reference set (the training
+set the copy test and the oracle read) and a cache of phase profiles; :func:`run_comparison`
+runs the two arms of a :class:`~steersample.studio.settings.StudioRequest`.
+
+Concurrency: a request never writes to anything shared. Each arm runs on its own shallow
+pipeline object (the same transformer/VAE modules, a fresh scheduler built from the model's
+config), so the pipeline's per-call attributes and the scheduler's step index stay per request;
+the loop keeps all other run state in locals. Phase profiles are computed once per class under
+a lock and are read-only afterwards.
+
+Determinism: sample k of a request starts from ``torch.Generator().manual_seed(seed + k)`` on
+both arms, so a seed gives the same images whatever the sample count or the other requests.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from steersample.studio.settings import RunPlan, StudioRequest, plan_runs
+
+__all__ = ["StudioModel", "ArmResult", "Comparison", "load_model_folder", "run_comparison"]
+
+
+@dataclass(frozen=True)
+class StudioModel:
+    """A served model.
+
+    Attributes:
+        name: the name the UI lists (never a filesystem path).
+        pipe: a steered pipeline (``SteeredFlowPipeline`` for ``kind="class"``, a steered SD3 or
+            Flux pipeline for ``kind="prompt"``).
+        reference: its training set as a ``ReferenceSet`` in the pipeline's latent layout, or
+            None (then there are no nearest images, copy badges or phase profile).
+        kind: ``"class"`` (class-conditional) or ``"prompt"`` (text-to-image).
+        class_names: the label shown for each class id (class models).
+        description: one line shown under the model menu.
+    """
+
+    name: str
+    pipe: Any
+    reference: Any = None
+    kind: str = "class"
+    class_names: tuple[str, ...] = ()
+    description: str = ""
+    _profiles: dict = field(default_factory=dict, repr=False, compare=False)
+    _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("class", "prompt"):
+            raise ValueError(f"kind must be 'class' or 'prompt', got {self.kind!r}")
+        if self.kind == "class" and not self.class_names:
+            names = tuple(str(c) for c in range(self.pipe.num_classes))
+            object.__setattr__(self, "class_names", names)
+        if self.reference is not None:
+            _warm_up(self.reference)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def shift(self) -> float:
+        """The ``shift`` of the model's own scheduler config (what "plain" samples with)."""
+        return float(self.pipe.scheduler.config.get("shift", 1.0))
+
+    def profile(self, class_id: int | None):
+        """The phase profile (``PhaseProfile``) of ``class_id``'s training images, cached.
+
+        None without a reference set. With a labelled reference the profile is the class's own
+        (queries and posterior restricted to the class); otherwise the whole set's.
+        """
+        if self.reference is None:
+            return None
+        from steersample.phases import PhaseProfile
+
+        labelled = self.reference.labels is not None and class_id is not None
+        key = int(class_id) if labelled else None
+        with self._lock:
+            if key not in self._profiles:
+                if labelled and key not in set(self.reference.classes.tolist()):
+                    self._profiles[key] = None
+                else:
+                    self._profiles[key] = PhaseProfile.estimate(
+                        self.reference, torch.Generator().manual_seed(0), label=key)
+            return self._profiles[key]
+
+    def boundary_sigma(self, class_id: int | None) -> float | None:
+        profile = self.profile(class_id)
+        return None if profile is None else float(profile.boundary_sigma)
+
+
+def _warm_up(reference) -> None:
+    """Fill the reference set's lazy caches now rather than inside concurrent requests."""
+    reference.squared_norms()
+    reference.nearest(reference.latents[:1], k=min(2, len(reference)))
+    if reference.labels is not None:
+        for label in reference.classes.tolist():
+            first = reference.indices(label)[:1].to(reference.latents.device)
+            reference.nearest(reference.latents[first], k=1, labels=int(label))
+
+
+def load_model_folder(path: str | Path, name: str | None = None) -> StudioModel:
+    """Load a model folder given at launch (``--model PATH``).
+
+    Accepted: a folder written by ``scripts/train_default.py`` (model + training set +
+    metadata), or any diffusers pipeline folder holding a class-conditional flow transformer
+    (SteeredFlowPipeline), Stable Diffusion 3 or Flux, loaded offline and converted to the
+    steered pipeline (prompt models have no reference set).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--model {str(folder)!r} is not a folder; pass a diffusers "
+                                "pipeline folder or one written by scripts/train_default.py")
+    name = name or folder.name
+    if (folder / "metadata.json").is_file() and (folder / "reference.safetensors").is_file():
+        from steersample.default import load_default, load_default_info
+
+        pipe, reference = load_default(folder)
+        return StudioModel(name, pipe, reference, "class", _class_names(load_default_info(folder)),
+                           f"{folder.name}: class-conditional flow model and its training set")
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"--model {str(folder)!r} has no model_index.json; pass a diffusers "
+                         "pipeline folder (pipe.save_pretrained(folder)) or a default-model folder")
+    return _load_diffusers_folder(folder, name)
+
+
+def _load_diffusers_folder(folder: Path, name: str) -> StudioModel:
+    from diffusers import DiffusionPipeline
+
+    from steersample.pipelines import (SteeredFluxPipeline, SteeredFlowPipeline,
+                                       SteeredStableDiffusion3Pipeline)
+
+    class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    if class_name in ("SteeredFlowPipeline", "DiTPipeline"):
+        from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+        transformer = DiTTransformer2DModel.from_pretrained(folder / "transformer",
+                                                            local_files_only=True)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler",
+                                                                    local_files_only=True)
+        pipe = SteeredFlowPipeline(transformer=transformer.eval(), scheduler=scheduler)
+        kind = "class"
+    else:
+        stock = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+        steered = {"StableDiffusion3Pipeline": SteeredStableDiffusion3Pipeline,
+                   "SteeredStableDiffusion3Pipeline": SteeredStableDiffusion3Pipeline,
+                   "FluxPipeline": SteeredFluxPipeline, "SteeredFluxPipeline": SteeredFluxPipeline}
+        if type(stock).__name__ not in steered:
+            raise ValueError(f"--model {str(folder)!r} is a {type(stock).__name__}; the studio "
+                             "serves class-conditional flow pipelines, Stable Diffusion 3 and Flux")
+        pipe = steered[type(stock).__name__].from_pipe(stock)
+        kind = "prompt"
+    pipe.set_progress_bar_config(disable=True)
+    return StudioModel(name, pipe, None, kind, description=f"{folder.name}: {class_name}")
+
+
+def _class_names(info) -> tuple[str, ...]:
+    classes = sorted(set(info.rare_classes) | set(info.frequent_classes))
+    return tuple(f"{c} · {'rare (few training images)' if c in info.rare_classes else 'frequent'}"
+                 for c in range(max(classes) + 1))
+
+
+@dataclass(frozen=True)
+class ArmResult:
+    """One arm of a comparison.
+
+    Attributes:
+        name: ``"plain"`` or ``"steered"``.
+        images: ``(B, H, W, C)`` float32 in [0, 1].
+        latents: ``(B, *shape)`` final latents (pixels in [-1, 1] for pixel-space models).
+        seeds: the seed of each sample.
+        telemetry: the run's ``steersample.Telemetry``.
+        seconds: wall time of the pipeline call.
+        guidance: the arm's ``GuidanceSchedule``.
+        nearest_images: ``(B, H, W, C)`` nearest training image of each sample, or None.
+    """
+
+    name: str
+    images: np.ndarray
+    latents: torch.Tensor
+    seeds: tuple[int, ...]
+    telemetry: Any
+    seconds: float
+    guidance: Any
+    nearest_images: np.ndarray | None
+
+    @property
+    def model_evals(self) -> int:
+        return self.telemetry.total_model_evals
+
+    @property
+    def ratios(self) -> list[float] | None:
+        final = self.telemetry.final
+        return None if final is None else [float(r) for r in final.nn_ratio]
+
+    @property
+    def copies(self) -> list[bool] | None:
+        final = self.telemetry.final
+        return None if final is None else [bool(c) for c in final.is_copy]
+
+    @property
+    def nearest_indices(self) -> list[int] | None:
+        final = self.telemetry.final
+        return None if final is None else [int(i) for i in final.nearest_index]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Result of one request: both arms, the plan that produced them, the class's profile."""
+
+    request: StudioRequest
+    plan: RunPlan
+    plain: ArmResult
+    steered: ArmResult
+    profile: Any
+    model: StudioModel
+
+
+def _arm_pipeline(model: StudioModel, scheduler_options: dict[str, Any] | None):
+    """A shallow per-request pipeline: shared modules, own scheduler and call attributes."""
+    components = dict(model.pipe.components)
+    if scheduler_options is not None:
+        from steersample.scheduler import PhaseAwareFlowMatchScheduler
+
+        components["scheduler"] = PhaseAwareFlowMatchScheduler.from_config(
+            model.pipe.scheduler.config, **scheduler_options)
+    pipe = type(model.pipe)(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run_arm(name: str, model: StudioModel, request: StudioRequest, guidance: Any,
+             steering: tuple, scheduler_options: dict | None) -> ArmResult:
+    pipe = _arm_pipeline(model, scheduler_options)
+    seeds = tuple(request.seed + k for k in range(request.num_samples))
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    common = dict(guidance=guidance, steering=list(steering), reference=model.reference,
+                  num_inference_steps=request.steps, generator=generators, return_telemetry=True)
+    start = time.perf_counter()
+    if model.kind == "class":
+        out = pipe(class_labels=[request.class_id] * request.num_samples, output_type="latent",
+                   **common)
+        latents = out.images.float()
+        images = pipe.decode(latents, "np")
+    else:
+        out = pipe(prompt=[request.prompt] * request.num_samples, output_type="np", **common)
+        latents, images = torch.from_numpy(np.asarray(out.images)), out.images
+    seconds = time.perf_counter() - start
+    nearest = None
+    final = out.telemetry.final
+    if final is not None and hasattr(pipe, "decode"):
+        index = final.nearest_index.to(model.reference.latents.device)
+        nearest = pipe.decode(model.reference.latents[index].float(), "np")
+    return ArmResult(name, np.asarray(images, dtype=np.float32), latents.cpu(), seeds,
+                     out.telemetry, seconds, guidance, nearest)
+
+
+def run_comparison(model: StudioModel, request: StudioRequest) -> Comparison:
+    """Sample ``request`` plain and steered (same seeds, steps, class) and collect telemetry.
+
+    Raises:
+        ValueError: the request needs σ* and the class has none (see ``settings.plan_runs``),
+            or the pipeline rejects an argument.
+    """
+    needs_boundary = request.window_relative or request.schedule == "phase-aware"
+    profile = model.profile(request.class_id) if model.reference is not None else None
+    boundary = None if profile is None else float(profile.boundary_sigma)
+    if needs_boundary and model.reference is None:
+        raise ValueError(f"model {model.name!r} has no training set, so it has no phase boundary "
+                         "σ*; use an absolute window and the shift schedule")
+    plan = plan_runs(request, boundary)
+    plain = _run_arm("plain", model, request, plan.plain_guidance, (), None)
+    steered = _run_arm("steered", model, request, plan.steered_guidance, plan.steering,
+                       plan.steered_scheduler_options)
+    return Comparison(request, plan, plain, steered, profile, model)
