@@ -64,6 +64,8 @@ __all__ = ["EmpiricalOracle", "Posterior", "OracleOutput"]
 _EXPANSION_TOL = 1e-9           # nats: float64 expansion accepted below this error bound
 _CHUNK_ELEMENTS = 1 << 20       # default chunk: about 4 MB of float32 reference rows
 _GATHER_ELEMENTS = 1 << 22      # float64 elements per block of gathered top-k rows
+_SCORE_ELEMENTS = 1 << 21       # queries x chunk scores per block (float64: 16 MB)
+_FLOAT64_COPY_ELEMENTS = 1 << 23  # references up to this size keep a cached float64 copy
 
 
 @dataclass(frozen=True)
@@ -185,21 +187,33 @@ class EmpiricalOracle:
                   ("top1", "entropy", "effective_count", "dropped_mass")}
         index = torch.empty(batch, dtype=torch.int64)
         x0 = torch.empty(batch, ref.dim, dtype=torch.float64) if want_mean else None
-        for label, rows in _groups(lab, batch):
-            if self.top_k is None:
-                acc = self._exact(q[rows], s[rows], label, want_mean)
-            else:
-                acc = self._top_k(q[rows], s[rows], label, want_mean)
-            fields["top1"][rows] = 1.0 / acc.S
-            fields["entropy"][rows] = (torch.log(acc.S) - acc.H / acc.S).clamp_min(0.0)
-            fields["effective_count"][rows] = acc.S.square() / acc.Q
-            fields["dropped_mass"][rows] = acc.n_drop * torch.exp(acc.drop_max - acc.m) / acc.S
-            index[rows] = acc.best
-            if want_mean:
-                x0[rows] = acc.A / acc.S[:, None]
+        pool_size = len(ref)
+        for label, group in _groups(lab, batch):
+            if label is not None:
+                pool_size = ref.indices(label).numel()
+            # query blocks keep the (block, chunk) score matrices at O(_SCORE_ELEMENTS)
+            block = max(1, _SCORE_ELEMENTS // min(self.chunk_size, pool_size))
+            for rows in torch.split(group, block):
+                self._fill(q, s, rows, label, want_mean, fields, index, x0)
         dev = x.device
         post = Posterior(index=index.to(dev), **{k: v.to(dev) for k, v in fields.items()})
         return post, x0
+
+    def _fill(self, q: torch.Tensor, s: torch.Tensor, rows: torch.Tensor, label: int | None,
+              want_mean: bool, fields: dict[str, torch.Tensor], index: torch.Tensor,
+              x0: torch.Tensor | None) -> None:
+        """Run one block of queries and write its results into the output buffers."""
+        if self.top_k is None:
+            acc = self._exact(q[rows], s[rows], label, want_mean)
+        else:
+            acc = self._top_k(q[rows], s[rows], label, want_mean)
+        fields["top1"][rows] = 1.0 / acc.S
+        fields["entropy"][rows] = (torch.log(acc.S) - acc.H / acc.S).clamp_min(0.0)
+        fields["effective_count"][rows] = acc.S.square() / acc.Q
+        fields["dropped_mass"][rows] = acc.n_drop * torch.exp(acc.drop_max - acc.m) / acc.S
+        index[rows] = acc.best
+        if want_mean:
+            x0[rows] = acc.A / acc.S[:, None]
 
     def _exact(self, q: torch.Tensor, s: torch.Tensor, label: int | None,
                want_mean: bool) -> _Acc:
@@ -209,25 +223,35 @@ class EmpiricalOracle:
         pool = None if label is None else ref.indices(label)
         n = len(ref) if pool is None else pool.numel()
         b, dim = q.shape
-        fast_dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
-        qf = q.to(fast_dtype)
         a = 1.0 - s
         inv_s2 = 1.0 / s.square()
         max_norm = math.sqrt(float(sqn.max() if pool is None else sqn[pool].max()))
         x_norm = q.norm(dim=1)
-        # rigorous bound E on |ŝ_i - (l_i + ||x||^2/(2 s^2))| for the fast pass
-        u = torch.finfo(fast_dtype).eps / 2
-        gamma = (dim + 3) * u / (1 - (dim + 3) * u)
-        u64 = torch.finfo(torch.float64).eps / 2
-        scale = a * x_norm * max_norm + a.square() * max_norm ** 2
-        err = 1.01 * inv_s2 * (a * x_norm * max_norm * (gamma + u) + 8 * dim * u64 * scale)
-        threshold = 2 * err + math.log(n / self.drop_tolerance)
         # exact scores: float64 expansion without ||x||^2 where its bound is small, else
         # differences; ``offset`` is the per-query constant separating the two scales
+        u64 = torch.finfo(torch.float64).eps / 2
         gamma64 = (dim + 3) * u64 / (1 - (dim + 3) * u64)
         bound64 = 1.01 * (gamma64 + 2 * u64) * (2 * a * x_norm * max_norm + a.square() * max_norm ** 2)
         use_expansion = bound64 * inv_s2 / 2 < _EXPANSION_TOL
         offset = torch.where(use_expansion, 0.0, 0.5 * x_norm.square() * inv_s2)
+        # fast pass in float64 when the reference is float64, or small enough to hold a float64
+        # copy and every query can use the expansion (then the fast scores are the exact ones)
+        source, fast_dtype, augmented = flat, torch.float32, False
+        if bool(use_expansion.all()) and flat.numel() <= _FLOAT64_COPY_ELEMENTS:
+            # rows [x_i, ||x_i||^2]: one matmul with [(1-s)x/s^2, -(1-s)^2/(2s^2)] gives ŝ
+            source, fast_dtype, augmented = ref._float64_augmented(), torch.float64, True
+        elif flat.dtype == torch.float64:
+            fast_dtype = torch.float64
+        exact_fast = fast_dtype == torch.float64 and bool(use_expansion.all())
+        qf = q.to(fast_dtype)
+        if augmented:
+            qf = torch.cat([qf * (a * inv_s2)[:, None], (-0.5 * a.square() * inv_s2)[:, None]], 1)
+        # rigorous bound E on |ŝ_i - (l_i + ||x||^2/(2 s^2))| for the fast pass
+        u = torch.finfo(fast_dtype).eps / 2
+        gamma = (dim + 3) * u / (1 - (dim + 3) * u)
+        scale = a * x_norm * max_norm + a.square() * max_norm ** 2
+        err = 1.01 * inv_s2 * (a * x_norm * max_norm * (gamma + u) + 8 * dim * u64 * scale)
+        threshold = 2 * err + math.log(n / self.drop_tolerance)
 
         acc = _Acc(m=torch.full((b,), -math.inf, dtype=torch.float64),
                    S=torch.zeros(b, dtype=torch.float64), Q=torch.zeros(b, dtype=torch.float64),
@@ -239,31 +263,40 @@ class EmpiricalOracle:
         for start in range(0, n, self.chunk_size):
             stop = min(n, start + self.chunk_size)
             idx = torch.arange(start, stop) if pool is None else pool[start:stop]
-            chunk = flat[start:stop] if pool is None else flat[idx.to(flat.device)]
+            chunk = source[start:stop] if pool is None else source[idx.to(source.device)]
             chunk = chunk.to("cpu")
-            # fast pass: one matmul in the reference's precision, scores in float64
-            dots = (qf @ chunk.to(fast_dtype).T).to(torch.float64)
-            s_hat = (a[:, None] * dots - (0.5 * a.square())[:, None] * sqn[idx][None, :]) * inv_s2[:, None]
+            # fast pass: one matmul, scores in float64
+            if augmented:
+                s_hat = qf @ chunk.T
+                chunk = chunk[:, :dim]
+            else:
+                dots = (qf @ chunk.to(fast_dtype).T).to(torch.float64)
+                s_hat = (a[:, None] * dots - (0.5 * a.square())[:, None] * sqn[idx][None, :]) \
+                    * inv_s2[:, None]
             fast_max = torch.maximum(fast_max, s_hat.max(1).values)
             keep = s_hat >= (fast_max - threshold)[:, None]
-            cols = keep.any(0)
-            if int(cols.sum()) * 2 > cols.numel():
-                cols[:] = True
-            # bookkeeping for the dropped-mass bound (true l_i + ||x||^2/(2 s^2) <= ŝ_i + E)
-            dropped = ~cols
-            if bool(dropped.any()):
-                acc.n_drop += float(dropped.sum())
-                acc.drop_max = torch.maximum(acc.drop_max, s_hat[:, dropped].max(1).values + err - offset)
-            if not bool(cols.any()):
-                continue
-            # exact pass on the selected columns
-            sub = chunk[cols].to(torch.float64)
-            sub_idx = idx[cols]
-            if fast_dtype == torch.float64 and bool(use_expansion.all()):
-                logits = s_hat[:, cols]
+            n_keep = int(keep.sum())
+            dense = 8 * n_keep > keep.numel() or n_keep * dim > _GATHER_ELEMENTS
+            if dense:
+                keep.fill_(True)
+            else:  # dropped-mass bookkeeping: true l_i + ||x||^2/(2 s^2) <= ŝ_i + E
+                acc.n_drop += (~keep).sum(1)
+                acc.drop_max = torch.maximum(
+                    acc.drop_max, s_hat.masked_fill(keep, -math.inf).max(1).values + err - offset)
+                if n_keep == 0:
+                    continue
+            # exact pass: float64 log-weights on the kept (query, sample) pairs
+            if dense:
+                rows = chunk.to(torch.float64)
+                logits = s_hat if exact_fast else self._exact_logits(
+                    q, a, inv_s2, rows, sqn[idx], use_expansion)
+                _update(acc, logits, idx, rows)
             else:
-                logits = self._exact_logits(q, a, inv_s2, sub, sqn[sub_idx], use_expansion)
-            _update(acc, logits, sub, sub_idx)
+                qi, ci = keep.nonzero().unbind(1)
+                rows = chunk[ci].to(torch.float64)
+                logits = s_hat[qi, ci] if exact_fast else _pair_logits(
+                    q, a, inv_s2, qi, rows, sqn[idx[ci]], use_expansion)
+                _update_pairs(acc, qi, logits, idx[ci], rows)
         return acc
 
     @staticmethod
@@ -327,19 +360,63 @@ class EmpiricalOracle:
         return acc
 
 
-def _update(acc: _Acc, logits: torch.Tensor, rows: torch.Tensor, rows_idx: torch.Tensor) -> None:
+def _pair_logits(q: torch.Tensor, a: torch.Tensor, inv_s2: torch.Tensor, query: torch.Tensor,
+                 rows: torch.Tensor, rows_sqn: torch.Tensor, use_expansion: torch.Tensor) -> torch.Tensor:
+    """Exact float64 log-weights of (query[j], rows[j]) pairs, on each query's own scale."""
+    xq, aq = q[query], a[query]
+    expanded = (aq * (xq * rows).sum(1) - 0.5 * aq.square() * rows_sqn) * inv_s2[query]
+    direct = -0.5 * (xq - aq[:, None] * rows).square().sum(1) * inv_s2[query]
+    return torch.where(use_expansion[query], expanded, direct)
+
+
+def _update(acc: _Acc, logits: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> None:
     """Fold exact log-weights ``logits`` (b, c) of reference ``rows`` (c, D) into ``acc``."""
     chunk_max, chunk_arg = logits.max(1)
     new_m = torch.maximum(acc.m, chunk_max)
-    shift = acc.m - new_m                                   # <= 0, -inf on the first update
-    rescale = torch.exp(shift)
-    p = torch.exp(logits - new_m[:, None])
-    acc.H = rescale * (acc.H + torch.where(acc.S > 0, shift * acc.S, torch.zeros_like(shift)))
-    acc.H += (p * (logits - new_m[:, None])).sum(1)
+    rescale = _rescale(acc, new_m)
+    centred = logits - new_m[:, None]
+    p = torch.exp(centred)
     acc.S = rescale * acc.S + p.sum(1)
-    acc.Q = rescale.square() * acc.Q + p.square().sum(1)
+    acc.Q = rescale.square() * acc.Q + torch.einsum("bc,bc->b", p, p)
+    acc.H += torch.einsum("bc,bc->b", p, centred)
     if acc.A is not None:
         acc.A = rescale[:, None] * acc.A + p @ rows
     better = chunk_max > acc.m
-    acc.best = torch.where(better, rows_idx[chunk_arg], acc.best)
+    acc.best = torch.where(better, idx[chunk_arg], acc.best)
     acc.m = new_m
+
+
+def _update_pairs(acc: _Acc, query: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor,
+                  rows: torch.Tensor) -> None:
+    """Fold sparse exact log-weights ``logits`` (P,) of (``query``[j], reference ``idx``[j])."""
+    b = acc.m.shape[0]
+    chunk_max = torch.full((b,), -math.inf, dtype=torch.float64).scatter_reduce(
+        0, query, logits, "amax")
+    new_m = torch.maximum(acc.m, chunk_max)
+    rescale = _rescale(acc, new_m)
+    centred = logits - new_m[query]
+    p = torch.exp(centred)
+    acc.S = rescale * acc.S + torch.zeros(b, dtype=torch.float64).index_add_(0, query, p)
+    acc.Q = rescale.square() * acc.Q + torch.zeros(b, dtype=torch.float64).index_add_(0, query, p * p)
+    acc.H += torch.zeros(b, dtype=torch.float64).index_add_(0, query, p * centred)
+    if acc.A is not None:
+        acc.A = rescale[:, None] * acc.A
+        acc.A.index_add_(0, query, p[:, None] * rows)
+    # first pair attaining each query's chunk maximum
+    position = torch.arange(logits.numel())
+    at_max = torch.where(logits == chunk_max[query], position, logits.numel())
+    first = torch.full((b,), logits.numel(), dtype=torch.int64).scatter_reduce(0, query, at_max, "amin")
+    better = (chunk_max > acc.m) & (first < logits.numel())
+    acc.best = torch.where(better, idx[first.clamp_max(logits.numel() - 1)], acc.best)
+    acc.m = new_m
+
+
+def _rescale(acc: _Acc, new_m: torch.Tensor) -> torch.Tensor:
+    """Move S, H (Q, A by the caller) from the old running max ``acc.m`` to ``new_m``.
+
+    Returns e^{m_old - m_new}; queries without mass yet (m = -inf) get factor 0 and stay empty.
+    """
+    shift = acc.m - new_m                      # <= 0; -inf before the first mass, nan if both -inf
+    rescale = torch.where(acc.S > 0, torch.exp(shift), 0.0)
+    acc.H = torch.where(acc.S > 0, rescale * (acc.H + shift * acc.S), 0.0)
+    return rescale

@@ -30,6 +30,8 @@ from steersample.reference import ReferenceSet
 
 __all__ = ["PhaseProfile", "default_sigma_grid", "crossing_sigma"]
 
+_QUERY_ELEMENTS = 1 << 22   # float64 query values built per oracle call
+
 
 def default_sigma_grid() -> torch.Tensor:
     """Descending σ grid, float64: 1.0, 0.98, ..., 0.02, then 0.015, 0.01, 0.005, 0.002, 0.001."""
@@ -116,14 +118,20 @@ class PhaseProfile:
             pick = pool[torch.randint(n, (num_queries,), generator=generator)]
         x0 = reference.latents[pick.to(reference.latents.device)].to("cpu", torch.float64)
         eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
-        means, stds = [], []
-        for sigma in grid.tolist():
-            x = (1.0 - sigma) * x0 + sigma * eps
-            top1 = oracle.posterior(x, sigma, labels=label).top1.to("cpu", torch.float64)
-            means.append(top1.mean())
-            stds.append(top1.std(unbiased=False))
-        top1 = torch.stack(means)
-        return cls(sigmas=grid, top1=top1, top1_std=torch.stack(stds),
+        # several σ per oracle call (per-sample σ), about _QUERY_ELEMENTS query values each
+        per_call = max(1, _QUERY_ELEMENTS // (num_queries * reference.dim))
+        weights = []
+        ones = [1] * (x0.dim() - 1)
+        for part in torch.split(grid, per_call):
+            s = part.repeat_interleave(num_queries)          # σ-major: all queries at part[0], ...
+            s_b = s.reshape(-1, *ones)
+            x = (1.0 - s_b) * x0.repeat(part.numel(), *ones) + s_b * eps.repeat(part.numel(), *ones)
+            post = oracle.posterior(x, s, labels=label)
+            weights.append(post.top1.to("cpu", torch.float64).reshape(part.numel(), num_queries))
+        weights = torch.cat(weights)
+        top1 = weights.mean(1)
+        stds = weights.std(1, unbiased=False)
+        return cls(sigmas=grid, top1=top1, top1_std=stds,
                    boundary_sigma=crossing_sigma(grid, top1, 0.5),
                    refinement_sigma=crossing_sigma(grid, top1, 0.9),
                    label=label, num_reference=n, dim=reference.dim, num_queries=num_queries)
