@@ -105,19 +105,27 @@ def main(argv: list[str] | None = None) -> int:
     def gen():
         return torch.Generator().manual_seed(0)
 
+    def sd3_call(pipe, **kw):
+        return lambda: pipe(**sd3_kw, **kw, generator=gen()).images
+
+    def flux_call(pipe, **kw):
+        return lambda: pipe(**flux_kw, **kw, generator=gen()).images
+
     calls = {
-        "sd3 stock (CFG w=5)": (sd3, lambda: sd3(**sd3_kw, guidance_scale=w, generator=gen()).images),
-        "sd3 steered neutral": (sd3_steered, lambda: sd3_steered(**sd3_kw, guidance_scale=w, generator=gen()).images),
-        "sd3 steered window (0.25, 0.75]": (sd3_steered, lambda: sd3_steered(**sd3_kw, guidance=half, generator=gen()).images),
-        "flux stock (true CFG w=5)": (flux, lambda: flux(**flux_kw, true_cfg_scale=w, generator=gen()).images),
-        "flux steered neutral": (flux_steered, lambda: flux_steered(**flux_kw, true_cfg_scale=w, generator=gen()).images),
-        "flux steered window (0.25, 0.75]": (flux_steered, lambda: flux_steered(**flux_kw, guidance=half, generator=gen()).images),
+        "sd3 stock (CFG w=5)": (sd3, sd3_call(sd3, guidance_scale=w)),
+        "sd3 steered neutral": (sd3_steered, sd3_call(sd3_steered, guidance_scale=w)),
+        "sd3 steered window (0.25, 0.75]": (sd3_steered, sd3_call(sd3_steered, guidance=half)),
+        "flux stock (true CFG w=5)": (flux, flux_call(flux, true_cfg_scale=w)),
+        "flux steered neutral": (flux_steered, flux_call(flux_steered, true_cfg_scale=w)),
+        "flux steered window (0.25, 0.75]": (flux_steered, flux_call(flux_steered, guidance=half)),
     }
 
     # parity check before timing: neutral steered output equals stock output
-    with torch.no_grad():
-        sd3_diff = (calls["sd3 stock (CFG w=5)"][1]() - calls["sd3 steered neutral"][1]()).abs().max().item()
-        flux_diff = (calls["flux stock (true CFG w=5)"][1]() - calls["flux steered neutral"][1]()).abs().max().item()
+    def diff(a: str, b: str) -> float:
+        return (calls[a][1]() - calls[b][1]()).abs().max().item()
+
+    sd3_diff = diff("sd3 stock (CFG w=5)", "sd3 steered neutral")
+    flux_diff = diff("flux stock (true CFG w=5)", "flux steered neutral")
 
     print(f"# steered vs stock pipelines (CPU, torch threads = {torch.get_num_threads()})\n")
     print(f"SD3: width {args.width}, {args.layers} layers, {args.size}x{args.size} latents; "
@@ -128,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(row(["arm", "model evals (hook)", "median s", "min s", "max s"]))
     print(row(["---"] * 5))
-    sd3_times = interleaved({k: v[1] for k, v in calls.items() if k.startswith("sd3")}, args.runs)
-    flux_times = interleaved({k: v[1] for k, v in calls.items() if k.startswith("flux")}, args.runs)
+    sd3_times = interleaved({k: c for k, (_, c) in calls.items() if k.startswith("sd3")}, args.runs)
+    flux_times = interleaved({k: c for k, (_, c) in calls.items() if k.startswith("flux")}, args.runs)
     times = {**sd3_times, **flux_times}
     medians = {k: statistics.median(v) for k, v in times.items()}
     for name, (pipe, call) in calls.items():

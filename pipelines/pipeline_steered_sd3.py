@@ -84,7 +84,9 @@ class SteeredStableDiffusion3Pipeline(StableDiffusion3Pipeline):
 
     Callbacks (``callback_on_step_end``) see and may replace ``latents`` and the *conditional*
     ``prompt_embeds`` / ``pooled_prompt_embeds`` (the stock pipeline hands them the
-    ``[negative, positive]`` concatenation instead).
+    ``[negative, positive]`` concatenation instead). Guidance comes from the schedule, so
+    callbacks that switch CFG off by setting ``pipe._guidance_scale`` (``SD3CFGCutoffCallback``)
+    have no effect here: use a ``GuidanceSchedule`` window instead.
     """
 
     def _model_fn(self, x: torch.Tensor, t: torch.Tensor, cond: dict, branch: str) -> torch.Tensor:
