@@ -95,8 +95,16 @@ class SteeredFlowPipeline(DiffusionPipeline):
         return self._num_timesteps
 
     def _labels(self, class_labels: Any, device: torch.device) -> torch.Tensor:
-        labels = torch.as_tensor(class_labels, device=device).reshape(-1)
-        if labels.numel() == 0 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        try:
+            labels = torch.as_tensor(class_labels, device=device).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            labels = None
+        if (
+            labels is None
+            or labels.numel() == 0
+            or labels.dtype.is_floating_point
+            or labels.dtype == torch.bool
+        ):
             raise ValueError(
                 f"class_labels must be integer class ids, e.g. [3, 7]; got {class_labels!r}"
             )

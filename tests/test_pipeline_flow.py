@@ -161,6 +161,8 @@ def test_shared_scheduler_is_not_mutated(pipe):
         (dict(class_labels=[3, 10]), ValueError, r"class_labels \[10\] are outside 0..9"),
         (dict(class_labels=[-1]), ValueError, "outside 0..9"),
         (dict(class_labels=[1.5]), ValueError, "integer class ids"),
+        (dict(class_labels=["three"]), ValueError, "integer class ids"),
+        (dict(class_labels=[]), ValueError, "integer class ids"),
         (dict(class_labels=[1], latents=torch.full((1, 1, 8, 8), float("nan"))), ValueError, "NaN"),
         (dict(class_labels=[1], latents=torch.zeros(2, 1, 8, 8)), ValueError, r"expected \(1, 1, 8, 8\)"),
         (dict(class_labels=[1], guidance_scale=3.0, guidance=GuidanceSchedule(scale=5.0)), ValueError,
