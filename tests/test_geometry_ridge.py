@@ -136,6 +136,16 @@ def test_labels_restrict_the_ridge_to_one_class():
     torch.testing.assert_close(via_oracle.projection, by_label.projection)
 
 
+def test_refreshing_neighbours_less_often_gives_the_same_ridge_when_k_covers_the_set():
+    g = _gen(5)
+    ref = ReferenceSet(torch.randn(8, 3, generator=g, dtype=torch.float64))
+    x = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    every = geometry.project_to_ridge(ref, x, 0.5, k=8)
+    sparse = geometry.project_to_ridge(ref, x, 0.5, k=8, refresh_every=7)
+    torch.testing.assert_close(sparse.projection, every.projection, rtol=0, atol=1e-12)
+    torch.testing.assert_close(sparse.tangent_basis.abs(), every.tangent_basis.abs())
+
+
 def test_bad_inputs_raise_errors_that_teach():
     ref = ReferenceSet(torch.randn(3, 4), torch.tensor([0, 0, 1]))
     x = torch.randn(2, 4)
@@ -150,3 +160,26 @@ def test_bad_inputs_raise_errors_that_teach():
     res = geometry.project_to_ridge(ref, x, 0.5, k=3)
     with pytest.raises(ValueError, match="same B points"):
         geometry.decompose_error(torch.randn(3, 4), res)
+
+
+def test_ridge_trace_of_the_oracle_has_no_error_and_ends_on_a_training_sample():
+    g = _gen(6)
+    X = torch.randn(6, 1, 2, 2, generator=g, dtype=torch.float64)
+    ref = ReferenceSet(X)
+    oracle_fn = geometry.as_denoiser(ref)
+    x = torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64)
+    sigmas = torch.linspace(0.9, 0.02, 12, dtype=torch.float64)
+    ticks = []
+    trace = geometry.ridge_trace(oracle_fn, ref, x, sigmas, progress=lambda: ticks.append(1))
+    assert trace.distance.shape == (12, 3) and trace.trajectory.shape == (13, 3, 1, 2, 2)
+    assert len(ticks) == 12
+    assert float(trace.normal_error.max()) < 1e-8 and float(trace.tangential_error.max()) < 1e-8
+    final = trace.trajectory[-1].reshape(3, -1)
+    assert float(torch.cdist(final, X.reshape(6, -1)).min(1).values.max()) < 1e-3
+    # a biased model: the error is the bias, split into normal and tangential parts
+    bias = 0.1 * torch.ones(1, 1, 2, 2, dtype=torch.float64)
+    trace = geometry.ridge_trace(lambda z, s: oracle_fn(z, s) - s * bias, ref, x, sigmas)
+    total = (trace.normal_error ** 2 + trace.tangential_error ** 2).sqrt()
+    torch.testing.assert_close(total, torch.full_like(total, 0.2))
+    with pytest.raises(ValueError, match="strictly descending"):
+        geometry.ridge_trace(oracle_fn, ref, x, [0.2, 0.5])

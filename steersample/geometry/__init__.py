@@ -6,6 +6,7 @@
     denoise_fn = geometry.as_denoiser(oracle_or_pipeline_or_transformer, labels=3)
     proj = geometry.project_to_ridge(reference, x, sigma, dim=1, labels=3)
     parts = geometry.decompose_error(v_hat - v_star, proj)  # normal + tangential
+    trace = geometry.ridge_trace(denoise_fn, reference, noise, sigmas, label=3)  # reach/align/slide
 
 ``local_dimension`` follows Achilli et al. (arXiv 2410.08727, SCIENCE.md §2); the ridge of the
 Gaussian-smoothed reference set and the reach / align / slide picture follow He, Qiu & Tao
@@ -19,6 +20,7 @@ from steersample.geometry.local_dimension import (DenoiseFn, LocalDimension, jac
                                                   local_dimension)
 from steersample.geometry.ridge import (ErrorDecomposition, RidgeFrame, RidgeProjection,
                                         decompose_error, project_to_ridge, ridge_frame)
+from steersample.geometry.trace import RidgeTrace, ridge_trace
 
 __all__ = [
     "DenoiseFn",
@@ -27,6 +29,7 @@ __all__ = [
     "OracleDenoiser",
     "RidgeFrame",
     "RidgeProjection",
+    "RidgeTrace",
     "VelocityDenoiser",
     "as_denoiser",
     "decompose_error",
@@ -34,4 +37,5 @@ __all__ = [
     "local_dimension",
     "project_to_ridge",
     "ridge_frame",
+    "ridge_trace",
 ]

@@ -150,7 +150,7 @@ def ridge_frame(points: torch.Tensor, sigma: float, neighbours: torch.Tensor, di
 
 def project_to_ridge(reference, x: torch.Tensor, sigma: float, *, dim: int = 1, k: int = 32,
                      labels: int | torch.Tensor | None = None, max_iter: int = 200,
-                     tol: float = 1e-6) -> RidgeProjection:
+                     tol: float = 1e-6, refresh_every: int = 1) -> RidgeProjection:
     """Project ``x`` onto the d-dim log-density ridge of the reference set smoothed at σ.
 
     Args:
@@ -158,10 +158,13 @@ def project_to_ridge(reference, x: torch.Tensor, sigma: float, *, dim: int = 1, 
         x: ``(B, *shape)`` points at noise level σ (e.g. a sampler's latents).
         sigma: noise level in (0, 1).
         dim: ridge dimension d (1: curves through the modes; 0: the modes themselves).
-        k: neighbours per query (FAISS, refreshed every step); capped at the pool size.
+        k: neighbours per query (FAISS); capped at the pool size.
         labels: ``None``, an int or ``(B,)`` ints: use the smoothed density of that class only.
         max_iter: SCMS steps at most.
         tol: stop once ‖P_N (m(x) - x)‖ ≤ tol·σ.
+        refresh_every: re-query the K neighbours every this many SCMS steps (1: every step;
+            larger is faster when K covers the posterior mass). The final frame always uses
+            fresh neighbours.
 
     Returns:
         :class:`RidgeProjection`.
@@ -184,6 +187,7 @@ def project_to_ridge(reference, x: torch.Tensor, sigma: float, *, dim: int = 1, 
                          f"of dimension D is the whole space")
     k = check_positive_int(k, "k")
     max_iter = check_positive_int(max_iter, "max_iter")
+    refresh_every = check_positive_int(refresh_every, "refresh_every")
     if not (isinstance(tol, numbers.Real) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     batch, D = x.shape[0], reference.dim
@@ -202,13 +206,16 @@ def project_to_ridge(reference, x: torch.Tensor, sigma: float, *, dim: int = 1, 
     a = 1.0 - sigma
     steps = torch.zeros(batch, dtype=torch.int64)
     done = torch.zeros(batch, dtype=torch.bool)
-    for _ in range(max_iter):
+    nbrs = torch.empty(batch, k_max, D, dtype=torch.float64)
+    for it in range(max_iter):
         active = (~done).nonzero().flatten()
         if active.numel() == 0:
             break
         for label, rows in _groups(None if lab is None else lab[active], active.numel()):
-            rows = active[rows]
-            frame = ridge_frame(y[rows], sigma, _neighbours(reference, y[rows] / a, k_eff[label], label), dim)
+            rows, kk = active[rows], k_eff[label]
+            if it % refresh_every == 0:
+                nbrs[rows, :kk] = _neighbours(reference, y[rows] / a, kk, label)
+            frame = ridge_frame(y[rows], sigma, nbrs[rows, :kk], dim)
             drift = frame.mean_shift - y[rows]
             step = drift - _tangential(drift, frame.tangent)           # SCMS: P_N (m(x) - x)
             y[rows] = y[rows] + step
