@@ -165,7 +165,7 @@ def build_app(pipe: Any = None, reference: Any = None, *, name: str = "default",
                 steps = _slider("steps")
                 gr.Markdown("**Presets** (set the steered side)")
                 with gr.Row():
-                    preset_buttons = {p: gr.Button(p, size="sm", min_width=60) for p in PRESETS}
+                    preset_buttons = {p: gr.Button(p, size="sm", min_width=96) for p in PRESETS}
                 guidance_scale = _slider("guidance_scale", value=best["guidance_scale"])
                 with gr.Accordion("Guidance window (steered side)", open=True):
                     window_relative = gr.Checkbox(best["window_relative"],
@@ -246,7 +246,8 @@ def build_app(pipe: Any = None, reference: Any = None, *, name: str = "default",
                    above_boundary, schedule, shift, navigation_fraction, steering, strength],
                   [plain_gallery, steered_gallery, plain_stats, steered_stats, phase_plot,
                    report_button, sheet_button],
-                  api_name="generate", concurrency_limit=2)
+                  api_name="generate", concurrency_limit=2,
+                  preprocess=False)  # raw values: parse_request checks them, naming the control
     demo.studio_models = served  # for tests and callers: the models this app serves
     return demo
 

@@ -23,7 +23,7 @@ COPY_COLOUR = (214, 39, 40)
 NOVEL_COLOUR = (44, 160, 44)
 _FRAME = (205, 205, 205)
 _TEXT = (40, 40, 40)
-_DISPLAY = 112  # target side of a displayed image, pixels
+_DISPLAY = 88  # target side of a displayed image, pixels (8x8 digits: 11x)
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -52,15 +52,15 @@ def enlarge(image: np.ndarray, side: int = _DISPLAY) -> Image.Image:
 def sample_tile(sample: np.ndarray, nearest: np.ndarray | None, seed: int,
                 ratio: float | None, is_copy: bool | None) -> Image.Image:
     """One gallery item: the sample (and its nearest training image) with a captioned badge."""
-    pad, gap, caption = 8, 10, 30
-    label_h = 18
+    pad, gap, caption = 6, 8, 30
+    label_h = 19
     left = enlarge(sample)
     right = enlarge(nearest) if nearest is not None else None
     w = left.width + (gap + right.width if right is not None else 0) + 2 * pad
     h = label_h + left.height + caption + 2 * pad
     tile = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(tile)
-    small = _font(13)
+    small = _font(14)
     colour = _FRAME if is_copy is None else (COPY_COLOUR if is_copy else NOVEL_COLOUR)
     top = pad + label_h
     tile.paste(left, (pad, top))
@@ -71,7 +71,7 @@ def sample_tile(sample: np.ndarray, nearest: np.ndarray | None, seed: int,
         x = pad + left.width + gap
         tile.paste(right, (x, top))
         draw.rectangle((x - 1, top - 1, x + right.width, top + right.height), outline=_FRAME)
-        draw.text((x, pad - 2), "nearest training", fill=(110, 110, 110), font=small)
+        draw.text((x, pad - 2), "nearest train", fill=(110, 110, 110), font=small)
     y = top + left.height + 8
     if ratio is not None:
         text = "COPY" if is_copy else "novel"
@@ -98,7 +98,7 @@ def arm_tiles(arm: Any) -> list[tuple[Image.Image, str]]:
             caption = f"seed {seed}"
         else:
             verdict = "COPY" if copy else "novel"
-            caption = f"seed {seed} · {verdict} · ratio {ratio:.2f} · nearest #{nearest_idx[k]}"
+            caption = f"{verdict} · ratio {ratio:.2f} · nearest #{nearest_idx[k]}"
         items.append((tile, caption))
     return items
 
@@ -166,9 +166,9 @@ def _describe(arm: Any, comparison: Any) -> str:
     g = arm.guidance
     lo, hi = plan.window
     parts = [f"CFG {g.scale:g} on σ ∈ ({lo:.2f}, {hi:.2f}]"]
-    if g.scale_above != 1.0:
+    if g.scale_above != 1.0 and hi < 1.0:
         parts.append(f"{g.scale_above:g} above")
-    if g.scale_below != 1.0:
+    if g.scale_below != 1.0 and lo > 0.0:
         parts.append(f"{g.scale_below:g} below")
     if request.schedule == "phase-aware":
         parts.append(f"phase-aware grid ({request.navigation_fraction:.0%} of steps above σ*)")

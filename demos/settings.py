@@ -172,18 +172,22 @@ class StudioRequest:
         return asdict(self)
 
 
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 def _number(name: str, value: Any) -> float | int:
     limit = LIMITS[name]
+    span = f"between {_fmt(limit.minimum)} and {_fmt(limit.maximum)}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{limit.label}: expected a number between {limit.minimum:g} and "
-                         f"{limit.maximum:g}, got {value!r}")
+        raise ValueError(f"{limit.label}: expected a number {span}, got {value!r}")
     if limit.integer:
         if float(value) != int(value):
-            raise ValueError(f"{limit.label}: expected a whole number, got {value!r}")
+            raise ValueError(f"{limit.label}: expected a whole number {span}, got {value!r}")
         value = int(value)
     if not limit.minimum <= value <= limit.maximum:
-        raise ValueError(f"{limit.label} must lie between {limit.minimum:g} and {limit.maximum:g}, "
-                         f"got {value:g}; move the slider into that range")
+        raise ValueError(f"{limit.label} must lie {span}, got {_fmt(value)}; "
+                         "pick a value in that range")
     return value if limit.integer else float(value)
 
 
