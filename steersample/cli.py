@@ -16,6 +16,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 # module names under steersample.commands, in the order --help shows them
 COMMANDS: tuple[str, ...] = (
     "phase",
+    "analyze",
 )
 
 
