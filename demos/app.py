@@ -39,8 +39,21 @@ log = logging.getLogger("steersample.studio")
 
 CSS = """
 #gallery-plain img, #gallery-steered img { image-rendering: pixelated; }
+#gallery-plain .thumbnail-item .caption-label,
+#gallery-steered .thumbnail-item .caption-label { display: none; }  /* the tile says it */
 .arm-title { text-align: center; }
 #studio-header p { margin-top: 0; }
+"""
+
+_HOW_TO_READ = """
+**How to read it.** Each tile is one seed: the sample (framed green when novel, red when a
+**COPY**) beside its nearest training image; *ratio* is d(NN1)/d(NN2) against the training set
+(near 0: sits on one training image; near 1: between several). The plot shows how sharply the
+empirical oracle's posterior points at a single training image as noise falls: the black
+curve for noised training images (it crosses 0.5 at the phase boundary **σ\\***, red), the
+dots for these samples along their trajectories. Above σ\\* sampling *navigates* (chooses
+which image it heads for), below it *refines*. The steered side applies the guidance scale w
+inside the shaded window and the outer scales outside it.
 """
 
 _REQUEST_FIELDS = frozenset(StudioRequest.__dataclass_fields__)
@@ -57,9 +70,11 @@ def default_models() -> list[StudioModel]:
     from steersample.studio.engine import _class_names
 
     pipe, reference = load_default()
-    return [StudioModel("default · digits", pipe, reference, "class",
-                        _class_names(load_default_info()),
-                        "embedded default: 8×8 digits, rare classes memorised, frequent ones not")]
+    info = load_default_info()
+    return [StudioModel("default · digits", pipe, reference, "class", _class_names(info),
+                        "embedded default: 8×8 digits; few training images of the rare "
+                        "classes (it copies them), many of the frequent ones",
+                        default_class=min(info.rare_classes, default=0))]
 
 
 def _slider(name: str, **overrides: Any) -> gr.Slider:
@@ -74,7 +89,7 @@ def _model_controls(model: StudioModel) -> tuple:
     """Updates for (class, prompt, description, shift) when ``model`` is selected."""
     is_class = model.kind == "class"
     choices = [(name, c) for c, name in enumerate(model.class_names)]
-    return (gr.update(choices=choices, value=choices[0][1] if choices else None, visible=is_class),
+    return (gr.update(choices=choices, value=model.default_class, visible=is_class),
             gr.update(visible=not is_class),
             gr.update(value=model.description),
             gr.update(value=model.shift))
@@ -154,15 +169,15 @@ def build_app(pipe: Any = None, reference: Any = None, *, name: str = "default",
                 model = gr.Dropdown(list(served), value=first.name, label="Model")
                 model_info = gr.Markdown(first.description)
                 first_choices = [(n, c) for c, n in enumerate(first.class_names)]
-                class_id = gr.Dropdown(first_choices, value=first_choices[0][1] if first_choices
-                                       else None, label="Class", visible=first.kind == "class")
+                class_id = gr.Dropdown(first_choices, value=first.default_class, label="Class",
+                                       visible=first.kind == "class", elem_id="class")
                 prompt = gr.Textbox(label="Prompt", visible=first.kind == "prompt", max_lines=2)
                 with gr.Row():
                     seed = gr.Number(value=LIMITS["seed"].default, precision=0, label="Seed",
                                      minimum=LIMITS["seed"].minimum,
                                      maximum=LIMITS["seed"].maximum, info=LIMITS["seed"].info)
                     num_samples = _slider("num_samples", elem_id="num-samples")
-                steps = _slider("steps")
+                steps = _slider("steps", elem_id="steps")
                 gr.Markdown("**Presets** (set the steered side)")
                 with gr.Row():
                     preset_buttons = {p: gr.Button(p, size="sm", min_width=96) for p in PRESETS}
@@ -211,6 +226,7 @@ def build_app(pipe: Any = None, reference: Any = None, *, name: str = "default",
                 with gr.Row():
                     report_button = gr.DownloadButton("Download JSON report", elem_id="download-report")
                     sheet_button = gr.DownloadButton("Download PNG sheet", elem_id="download-sheet")
+                gr.Markdown(_HOW_TO_READ)
 
         controls = dict(guidance_scale=guidance_scale, window_relative=window_relative,
                         window_lo=window_lo, window_hi=window_hi, below_boundary=below_boundary,

@@ -44,6 +44,7 @@ class StudioModel:
         kind: ``"class"`` (class-conditional) or ``"prompt"`` (text-to-image).
         class_names: the label shown for each class id (class models).
         description: one line shown under the model menu.
+        default_class: the class selected when the model is picked (default 0).
     """
 
     name: str
@@ -52,6 +53,7 @@ class StudioModel:
     kind: str = "class"
     class_names: tuple[str, ...] = ()
     description: str = ""
+    default_class: int | None = None
     _profiles: dict = field(default_factory=dict, repr=False, compare=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -61,6 +63,8 @@ class StudioModel:
         if self.kind == "class" and not self.class_names:
             names = tuple(str(c) for c in range(self.pipe.num_classes))
             object.__setattr__(self, "class_names", names)
+        if self.kind == "class" and self.default_class is None:
+            object.__setattr__(self, "default_class", 0)
         if self.reference is not None:
             _warm_up(self.reference)
 
@@ -126,8 +130,10 @@ def load_model_folder(path: str | Path, name: str | None = None) -> StudioModel:
         from steersample.default import load_default, load_default_info
 
         pipe, reference = load_default(folder)
-        return StudioModel(name, pipe, reference, "class", _class_names(load_default_info(folder)),
-                           f"{folder.name}: class-conditional flow model and its training set")
+        info = load_default_info(folder)
+        return StudioModel(name, pipe, reference, "class", _class_names(info),
+                           f"{folder.name}: class-conditional flow model and its training set",
+                           default_class=min(info.rare_classes, default=0))
     if not (folder / "model_index.json").is_file():
         raise ValueError(f"--model {str(folder)!r} has no model_index.json; pass a diffusers "
                          "pipeline folder (pipe.save_pretrained(folder)) or a default-model folder")
@@ -140,7 +146,11 @@ def _load_diffusers_folder(folder: Path, name: str) -> StudioModel:
     from steersample.pipelines import (SteeredFluxPipeline, SteeredFlowPipeline,
                                        SteeredStableDiffusion3Pipeline)
 
-    class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    index = json.loads((folder / "model_index.json").read_text())
+    class_name = index.get("_class_name", "")
+    # components saved as [null, null] (e.g. SD3 without T5) must be passed as None
+    absent = {key: None for key, value in index.items()
+              if not key.startswith("_") and isinstance(value, list) and value[0] is None}
     if class_name in ("SteeredFlowPipeline", "DiTPipeline"):
         from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
@@ -151,7 +161,7 @@ def _load_diffusers_folder(folder: Path, name: str) -> StudioModel:
         pipe = SteeredFlowPipeline(transformer=transformer.eval(), scheduler=scheduler)
         kind = "class"
     else:
-        stock = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+        stock = DiffusionPipeline.from_pretrained(folder, local_files_only=True, **absent)
         steered = {"StableDiffusion3Pipeline": SteeredStableDiffusion3Pipeline,
                    "SteeredStableDiffusion3Pipeline": SteeredStableDiffusion3Pipeline,
                    "FluxPipeline": SteeredFluxPipeline, "SteeredFluxPipeline": SteeredFluxPipeline}

@@ -50,7 +50,8 @@ def enlarge(image: np.ndarray, side: int = _DISPLAY) -> Image.Image:
 
 
 def sample_tile(sample: np.ndarray, nearest: np.ndarray | None, seed: int,
-                ratio: float | None, is_copy: bool | None) -> Image.Image:
+                ratio: float | None, is_copy: bool | None,
+                nearest_index: int | None = None) -> Image.Image:
     """One gallery item: the sample (and its nearest training image) with a captioned badge."""
     pad, gap, caption = 6, 8, 30
     label_h = 19
@@ -71,7 +72,8 @@ def sample_tile(sample: np.ndarray, nearest: np.ndarray | None, seed: int,
         x = pad + left.width + gap
         tile.paste(right, (x, top))
         draw.rectangle((x - 1, top - 1, x + right.width, top + right.height), outline=_FRAME)
-        draw.text((x, pad - 2), "nearest train", fill=(110, 110, 110), font=small)
+        label = "nearest" if nearest_index is None else f"nearest #{nearest_index}"
+        draw.text((x, pad - 2), label, fill=(110, 110, 110), font=small)
     y = top + left.height + 8
     if ratio is not None:
         text = "COPY" if is_copy else "novel"
@@ -86,19 +88,23 @@ def sample_tile(sample: np.ndarray, nearest: np.ndarray | None, seed: int,
 
 
 def arm_tiles(arm: Any) -> list[tuple[Image.Image, str]]:
-    """Gallery value for one ``ArmResult``: ``[(tile, caption), ...]`` in seed order."""
+    """Gallery value for one ``ArmResult``: ``[(tile, caption), ...]`` in seed order.
+
+    The caption repeats the tile's verdict for screen readers and the full-size preview.
+    """
     ratios, copies, nearest_idx = arm.ratios, arm.copies, arm.nearest_indices
     items = []
     for k, seed in enumerate(arm.seeds):
         nearest = arm.nearest_images[k] if arm.nearest_images is not None else None
         ratio = ratios[k] if ratios is not None else None
         copy = copies[k] if copies is not None else None
-        tile = sample_tile(arm.images[k], nearest, seed, ratio, copy)
+        index = nearest_idx[k] if nearest_idx is not None else None
+        tile = sample_tile(arm.images[k], nearest, seed, ratio, copy, index)
         if ratio is None:
             caption = f"seed {seed}"
         else:
             verdict = "COPY" if copy else "novel"
-            caption = f"{verdict} · ratio {ratio:.2f} · nearest #{nearest_idx[k]}"
+            caption = f"seed {seed}: {verdict}, ratio {ratio:.2f}, nearest training image #{index}"
         items.append((tile, caption))
     return items
 

@@ -285,3 +285,21 @@ def test_model_folder_of_a_saved_flow_pipeline_loads_as_a_class_model(tmp_path):
     assert loaded.name == "flow"  # the UI shows the folder's name, never its path
     with pytest.raises(ValueError, match="no model_index.json"):
         load_model_folder(tmp_path)
+
+
+def test_model_folder_of_a_saved_sd3_pipeline_serves_prompts(tmp_path):
+    from steersample.studio.engine import load_model_folder
+    from steersample.testing import tiny_sd3_pipeline
+
+    tiny_sd3_pipeline().save_pretrained(tmp_path / "sd3")
+    sd3 = load_model_folder(tmp_path / "sd3")
+    assert sd3.kind == "prompt" and type(sd3.pipe).__name__ == "SteeredStableDiffusion3Pipeline"
+    values = {**FAST_REQUEST, "model": "sd3", "class_id": None, "prompt": "a red square"}
+    with pytest.raises(ValueError, match="Prompt: type a prompt"):
+        parse_request({**values, "prompt": "  "}, models={"sd3": sd3})
+    result = run_comparison(sd3, parse_request(values, models={"sd3": sd3}))
+    assert result.plain.images.shape[0] == 2 and result.plain.copies is None
+    assert result.plain.model_evals == 8 and result.steered.model_evals < 8  # window saves passes
+    with pytest.raises(ValueError, match="no training set, so it has no phase boundary"):
+        run_comparison(sd3, parse_request({**values, "schedule": "phase-aware"},
+                                          models={"sd3": sd3}))

@@ -1,0 +1,102 @@
+"""The studio in a real browser: headless Chromium from Debian, driven by Playwright.
+
+It loads the page, sets steps and samples, moves the strength slider with the keyboard, clicks
+Generate, waits for both galleries, checks they hold the requested number of images, checks
+the downloaded JSON report carries the moved strength, and saves a screenshot. Set
+``STEERSAMPLE_SCREENSHOT=docs/studio.png`` to write the README's screenshot.
+
+Uses the embedded default model when its weights are present (the README picture), else the
+tiny test model. Needs ``/usr/bin/chromium`` (CI installs it with apt; nothing is downloaded)
+and the ``playwright`` Python package; skipped without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio")
+playwright = pytest.importorskip("playwright.sync_api")
+
+from _studio_fixtures import serve, tiny_model  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(shutil.which(CHROMIUM) is None and not Path(CHROMIUM).exists(),
+                       reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)"),
+]
+SAMPLES = 4
+TIMEOUT_MS = 120_000
+
+
+def _studio():
+    from steersample.studio.app import build_app, default_models
+
+    try:
+        models = default_models()
+    except (FileNotFoundError, ValueError):  # default weights not built yet
+        models = [tiny_model()]
+    return build_app(models=models), models[0]
+
+
+def _set_number(page, elem_id: str, value) -> None:
+    """Type into the number box of a Gradio slider/number and commit it (like a user)."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_studio_in_headless_chromium(tmp_path):
+    demo, model = _studio()
+    screenshot = Path(os.environ.get("STEERSAMPLE_SCREENSHOT") or tmp_path / "studio.png")
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    with serve(demo) as url, playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000},
+                                    accept_downloads=True)
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url, wait_until="networkidle")
+            assert page.title() == "steersample studio"
+
+            _set_number(page, "num-samples", SAMPLES)
+            _set_number(page, "steps", 12)
+
+            # move the strength slider: focus its range input and press arrow keys
+            strength = page.locator("#strength input[type=range]")
+            before = float(strength.input_value())
+            strength.focus()
+            for _ in range(4):
+                strength.press("ArrowRight")
+            moved = float(strength.input_value())
+            assert moved > before
+
+            page.locator("#generate").click()
+            for gallery in ("#gallery-plain", "#gallery-steered"):
+                page.wait_for_function(
+                    "([sel, n]) => document.querySelectorAll(sel + ' img').length >= n",
+                    arg=[gallery, SAMPLES])
+            page.wait_for_selector("#phase-plot img")
+            assert page.locator("#gallery-plain img").count() == SAMPLES
+            assert page.locator("#gallery-steered img").count() == SAMPLES
+            assert "model evaluations" in page.locator("#stats-steered").inner_text()
+
+            with page.expect_download() as download:
+                page.locator("#download-report").click()
+            report = json.loads(Path(download.value.path()).read_text())
+            assert report["request"]["strength"] == pytest.approx(moved)
+            assert report["request"]["num_samples"] == SAMPLES
+            assert report["model"] == model.name
+
+            page.mouse.move(0, 0)  # no hover effects in the picture
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 10_000
