@@ -278,14 +278,12 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python demos/app.py``: the same options as ``steersample demo``."""
-    import argparse
+    """``python demos/app.py [options]``: exactly ``steersample demo [options]``."""
+    import sys
 
-    from steersample.commands import demo as command
+    from steersample.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="python demos/app.py", description=command.__doc__)
-    command.add_arguments(parser)
-    return command.run(parser.parse_args(argv))
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

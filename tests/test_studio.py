@@ -303,3 +303,33 @@ def test_model_folder_of_a_saved_sd3_pipeline_serves_prompts(tmp_path):
     with pytest.raises(ValueError, match="no training set, so it has no phase boundary"):
         run_comparison(sd3, parse_request({**values, "schedule": "phase-aware"},
                                           models={"sd3": sd3}))
+
+
+def test_python_demos_app_py_launches_the_default_and_binds_to_localhost():
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from _studio_fixtures import free_port
+    from steersample.default import DEFAULT_MODEL_DIR
+
+    if not (DEFAULT_MODEL_DIR / "metadata.json").is_file():
+        pytest.skip("the embedded default model is not built yet")
+    app = Path(__file__).resolve().parents[1] / "demos" / "app.py"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(app), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"the studio exited: {proc.stdout.read()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as page:
+                    assert page.status == 200 and "steersample studio" in page.read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the studio did not start within 120 s"
+                time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
