@@ -184,10 +184,13 @@ def build_app(pipe: Any = None, reference: Any = None, *, name: str = "default",
                 guidance_scale = _slider("guidance_scale", value=best["guidance_scale"])
                 with gr.Accordion("Guidance window (steered side)", open=True):
                     window_relative = gr.Checkbox(best["window_relative"],
-                                                  label="relative to the phase boundary σ*")
+                                                  label="relative to the phase boundary σ*",
+                                                  elem_id="window-relative")
                     with gr.Row(visible=not best["window_relative"]) as absolute_row:
-                        window_lo = _slider("window_lo", value=best["window_lo"])
-                        window_hi = _slider("window_hi", value=best["window_hi"])
+                        window_lo = _slider("window_lo", value=best["window_lo"],
+                                            elem_id="window-lo")
+                        window_hi = _slider("window_hi", value=best["window_hi"],
+                                            elem_id="window-hi")
                     with gr.Row(visible=best["window_relative"]) as relative_row:
                         below_boundary = _slider("below_boundary")
                         above_boundary = _slider("above_boundary")
@@ -264,7 +267,6 @@ def build_app(pipe: Any = None, reference: Any = None, *, name: str = "default",
                    report_button, sheet_button],
                   api_name="generate", concurrency_limit=2,
                   preprocess=False)  # raw values: parse_request checks them, naming the control
-    demo.studio_models = served  # for tests and callers: the models this app serves
     return demo
 
 

@@ -2,7 +2,9 @@
 
 It loads the page, sets steps and samples, moves the strength slider with the keyboard, clicks
 Generate, waits for both galleries, checks they hold the requested number of images, checks
-the downloaded JSON report carries the moved strength, and saves a screenshot. Set
+the downloaded JSON report carries the moved strength, and saves a screenshot. Then it sends
+an impossible window and checks that the error is shown as a message while the galleries keep
+the last good results. Set
 ``STEERSAMPLE_SCREENSHOT=docs/studio.png`` to write the README's screenshot.
 
 Uses the embedded default model when its weights are present (the README picture), else the
@@ -97,6 +99,18 @@ def test_studio_in_headless_chromium(tmp_path):
 
             page.mouse.move(0, 0)  # no hover effects in the picture
             page.screenshot(path=str(screenshot), full_page=True)
+
+            # a bad request shows a readable message and leaves the last good results
+            shown = page.locator("#gallery-plain img").first.get_attribute("src")
+            page.locator("#window-relative input").uncheck()
+            _set_number(page, "window-lo", 0.9)
+            _set_number(page, "window-hi", 0.4)
+            page.locator("#generate").click()
+            toast = page.get_by_text("must be below high σ")
+            toast.wait_for()
+            assert "Traceback" not in page.content()
+            assert page.locator("#gallery-plain img").count() == SAMPLES
+            assert page.locator("#gallery-plain img").first.get_attribute("src") == shown
         finally:
             browser.close()
     assert screenshot.stat().st_size > 10_000
