@@ -31,7 +31,8 @@ from steersample.studio.downloads import DownloadFolder, write_downloads
 from steersample.studio.engine import StudioModel, load_model_folder, run_comparison
 from steersample.studio.render import arm_summary, arm_tiles, phase_figure
 from steersample.studio.settings import (LIMITS, PRESETS, SCHEDULES, StudioRequest,
-                                         parse_request, preset_values, steerer_names)
+                                         parse_request, preset_values, steerer_names,
+                                         steerer_summary)
 
 __all__ = ["build_app", "main", "default_models", "CSS"]
 
@@ -207,8 +208,10 @@ def build_app(pipe: Any = None, reference: Any = None, *, name: str = "default",
                 with gr.Accordion("Steering (steered side)", open=True):
                     steering = gr.Dropdown(steerer_names(), value=best["steering"],
                                            label="Steering method")
-                    strength = _slider("strength", value=best.get("strength", LIMITS["strength"].default),
+                    strength = _slider("strength",
+                                       value=best.get("strength", LIMITS["strength"].default),
                                        elem_id="strength")
+                    steering_info = gr.Markdown(steerer_summary(best["steering"]))
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2, min_width=480):
                 with gr.Row(equal_height=True):
@@ -257,6 +260,8 @@ def build_app(pipe: Any = None, reference: Any = None, *, name: str = "default",
                                api_visibility="private", queue=False)
         schedule.change(lambda s: gr.update(visible=s == "phase-aware"), schedule,
                         navigation_fraction, api_visibility="private", queue=False)
+        steering.change(steerer_summary, steering, steering_info, api_visibility="private",
+                        queue=False)
         model.change(lambda m: _model_controls(served[m]), model,
                      [class_id, prompt, model_info, shift], api_visibility="private", queue=False)
         run.click(generate,

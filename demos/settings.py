@@ -35,6 +35,7 @@ __all__ = [
     "plan_runs",
     "steerer_names",
     "steerer_strength_parameter",
+    "steerer_summary",
     "preset_values",
 ]
 
@@ -111,6 +112,18 @@ def steerer_strength_parameter(name: str) -> str | None:
         if param.name != "self" and isinstance(param.default, float):
             return param.name
     return None
+
+
+def steerer_summary(name: str) -> str:
+    """One line for the UI: the steerer's docstring summary and what the strength sets."""
+    from steersample.steering import STEERERS
+
+    cls = STEERERS[name]
+    doc = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+    param = steerer_strength_parameter(name)
+    effect = (f"strength sets `{cls.__name__}({param}=…)`" if param is not None
+              else "the strength slider has no effect")
+    return f"{doc} ({effect})" if doc else effect
 
 
 def _best_steering_preset(guidance_scale: float) -> dict[str, Any]:
