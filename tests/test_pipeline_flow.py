@@ -230,3 +230,11 @@ def test_concurrent_calls_on_one_pipeline_match_sequential_calls(pipe):
             concurrent = list(pool.map(run, jobs, range(len(jobs))))
             for a, b in zip(sequential, concurrent):
                 assert torch.equal(a, b)
+
+
+def test_progress_bar_is_the_pipelines_tqdm(capsys):
+    pipe = tiny_flow_pipeline()
+    pipe.set_progress_bar_config(disable=False, desc="denoise")
+    pipe(class_labels=[1], num_inference_steps=4, output_type="latent")
+    err = capsys.readouterr().err
+    assert "denoise" in err and "4/4" in err
