@@ -125,9 +125,30 @@ def test_exact_and_randomized_agree_on_a_decaying_spectrum():
     assert float((approx.singular_values - exact.singular_values[:10]).abs().max()) < 1e-3
     assert approx.dimension == exact.dimension == int((s > 0.5).sum())
     assert approx.num_products == (10 + 8) * (2 + 2 * 3)
-    # adaptive rank: grows until the smallest estimate is below the threshold
-    adaptive = geometry.local_dimension(denoise, x, 0.3, method="randomized", generator=_gen(0))
-    assert adaptive.complete and adaptive.dimension == exact.dimension
+
+
+def test_adaptive_rank_stops_below_threshold_and_falls_back_to_exact_on_flat_spectra():
+    D = 300
+    g = _gen(8)
+    u = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0]
+    s = 3.0 * 0.8 ** torch.arange(D, dtype=torch.float64)
+    A = u @ torch.diag(s) @ u.T
+
+    def decaying(x, sigma):
+        return (x.reshape(1, -1) @ A / (1 - sigma)).reshape(x.shape)
+
+    x = torch.randn(1, D, generator=g, dtype=torch.float64)
+    res = geometry.local_dimension(decaying, x, 0.2, method="randomized", generator=_gen(0))
+    assert res.method == "randomized" and res.complete and res.singular_values.numel() == 32
+    assert res.dimension == int((s > 0.5).sum()) and res.num_products == 40 * 6
+    torch.testing.assert_close(res.singular_values[:res.dimension], s[:res.dimension])
+
+    def flat(x, sigma):                     # M = I: every direction is tangent
+        return x / (1 - sigma)
+
+    res = geometry.local_dimension(flat, x, 0.2, method="randomized", generator=_gen(0))
+    assert res.method == "exact" and res.dimension == D and res.complete
+    assert res.num_products == 40 * 6 + D   # one sketch at rank 32, then the exact spectrum
 
 
 def test_exact_and_randomized_agree_on_the_oracle_and_a_tiny_dit():
