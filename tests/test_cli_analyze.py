@@ -65,6 +65,16 @@ def test_analyze_writes_plots_table_and_json(tiny_model_dir, tmp_path, capsys):
     assert len(trace["sigmas"]) == 3 and len(trace["distance"]) == 1 and len(trace["distance"][0]) == 3
 
 
+def test_analyze_at_training_points(tiny_model_dir, tmp_path, capsys):
+    rc = main(["analyze", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--at", "train",
+               "--sigmas", "0.2", "--small-sigma", "0.2", "--points", "1", "--subset-sizes", "2",
+               "--subset-sigmas", "0.2", "--trajectories", "1", "--steps", "3", "--trace-classes", "4",
+               "--neighbours", "3", "--no-progress"])
+    assert rc == 0 and "1 train points per group" in capsys.readouterr().out
+    result = json.loads((tmp_path / "analyze.json").read_text())
+    assert result["points_at"] == "train" and [tr["label"] for tr in result["traces"]] == [4]
+
+
 def test_analyze_help_and_bad_arguments(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["analyze", "--help"])

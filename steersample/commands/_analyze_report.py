@@ -38,9 +38,10 @@ def headline(result: dict) -> str:
     dims = result["dimension_vs_sigma"]
     model_rare, model_freq = dims["model"]["rare"][key], dims["model"]["frequent"][key]
     verdict = "lower" if _mean_sd(model_rare)[0] < _mean_sd(model_freq)[0] else "NOT lower"
+    where = result.get("points_at", "held-out")
     return (
         f"small-sigma local dimension (sigma = {result['small_sigma']}, D = {result['dim']}, "
-        f"{len(model_rare)} held-out points per group): model rare {_fmt(model_rare)} vs frequent "
+        f"{len(model_rare)} {where} points per group): model rare {_fmt(model_rare)} vs frequent "
         f"{_fmt(model_freq)} -> {verdict} on rare classes; oracle rare "
         f"{_fmt(dims['oracle']['rare'][key])} vs frequent {_fmt(dims['oracle']['frequent'][key])}"
     )
@@ -60,7 +61,7 @@ def markdown(result: dict, plots: dict[str, Path]) -> str:
         "## Local dimension vs sigma",
         "",
         "Count of singular values of M = (1 - sigma) dx0_hat/dx above 0.5 at forward-noised "
-        f"held-out digits, mean ± sd over {result['points_per_group']} points per group "
+        f"{result.get('points_at', 'held-out')} digits, mean ± sd over {result['points_per_group']} points per group "
         "(class-conditional oracle and model).",
         "",
         "| sigma | oracle rare | oracle frequent | model rare | model frequent |",

@@ -5,7 +5,8 @@ Writes plots (PNG) and a Markdown table (``analyze.md``, numbers also in ``analy
 
 1. local dimension (singular values of M = (1 - σ)·∂x̂₀/∂x_σ above 0.5, SCIENCE.md §2) against σ
    for the class-conditional empirical oracle and the model, on forward-noised held-out digits
-   x_σ = (1 - σ)·x + σ·ε of the rare and of the frequent classes (``local_dimension.png``);
+   (``--at train``: training digits) x_σ = (1 - σ)·x + σ·ε of the rare and of the frequent
+   classes (``local_dimension.png``);
 2. the oracle's local dimension at small σ against training-set size, on nested subsets of the
    frequent classes, with the model's small-σ dimension for the rare and frequent training
    sizes marked (``dimension_vs_n.png``);
@@ -40,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="noise levels of the dimension-vs-sigma curves")
     a("--small-sigma", type=float, default=0.05,
       help="the 'small sigma' of the headline comparison and the training-set-size plot")
-    a("--points", type=int, default=8, help="held-out digits per group (rare / frequent)")
+    a("--points", type=int, default=8, help="evaluation digits per group (rare / frequent)")
+    a("--at", choices=["held-out", "train"], default="held-out",
+      help="evaluate the dimension at noised held-out digits or at noised training digits")
     a("--subset-sizes", type=int, nargs="+", default=[2, 5, 10, 20, 50, 130],
       help="training-set sizes of the oracle subsets (capped at the class size)")
     a("--subset-sigmas", type=float, nargs="+", default=[0.2, 0.1, 0.05],
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     _validate(args)
     pipe, ref = load_default(args.model)
     info = load_default_info(args.model)
-    images, labels = held_out_digits(info)
+    images, labels = held_out_digits(info) if args.at == "held-out" else (ref.latents.cpu(), ref.labels.cpu())
     sigmas = sorted(set(args.sigmas) | {args.small_sigma}, reverse=True)
     gen = torch.Generator().manual_seed(args.seed)
     groups = {"rare": info.rare_classes, "frequent": info.frequent_classes}
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         "model": str(info.path), "rare_classes": list(info.rare_classes),
         "frequent_classes": list(info.frequent_classes), "train_per_class": sizes,
         "dim": ref.dim, "sigmas": sigmas, "small_sigma": args.small_sigma,
-        "points_per_group": args.points, "dimension_vs_sigma": dims,
+        "points_per_group": args.points, "points_at": args.at, "dimension_vs_sigma": dims,
         "subset_sizes": subset_sizes, "subset_sigmas": list(args.subset_sigmas),
         "dimension_vs_size": by_size, "traces": traces, "ridge_dim": args.ridge_dim,
     }
@@ -106,11 +109,11 @@ def run(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parts
 def _pick_points(images: torch.Tensor, labels: torch.Tensor, classes, count: int,
                  gen: torch.Generator) -> tuple[torch.Tensor, list[int]]:
-    """``count`` held-out digits, round-robin over ``classes``, random within a class."""
+    """``count`` digits, round-robin over ``classes``, random within a class."""
     pools = {c: (labels == c).nonzero().flatten() for c in classes}
     pools = {c: p[torch.randperm(p.numel(), generator=gen)] for c, p in pools.items() if p.numel()}
     if not pools:
-        raise ValueError(f"no held-out digits of classes {list(classes)}; the split holds out none")
+        raise ValueError(f"no digits of classes {list(classes)} to evaluate at; try the other --at")
     picks, picked_labels, order = [], [], sorted(pools)
     for i in range(count):
         c = order[i % len(order)]
