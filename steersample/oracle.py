@@ -227,31 +227,20 @@ class EmpiricalOracle:
         inv_s2 = 1.0 / s.square()
         max_norm = math.sqrt(float(sqn.max() if pool is None else sqn[pool].max()))
         x_norm = q.norm(dim=1)
-        # exact scores: float64 expansion without ||x||^2 where its bound is small, else
-        # differences; ``offset`` is the per-query constant separating the two scales
-        u64 = torch.finfo(torch.float64).eps / 2
-        gamma64 = (dim + 3) * u64 / (1 - (dim + 3) * u64)
-        bound64 = 1.01 * (gamma64 + 2 * u64) * (2 * a * x_norm * max_norm + a.square() * max_norm ** 2)
-        use_expansion = bound64 * inv_s2 / 2 < _EXPANSION_TOL
+        err32, err64, use_expansion = _error_bounds(a, inv_s2, x_norm, max_norm, dim)
+        # the per-query constant separating exact scores by expansion (l + ||x||^2/(2 s^2))
+        # from those by differences (l)
         offset = torch.where(use_expansion, 0.0, 0.5 * x_norm.square() * inv_s2)
-        # fast pass in float64 when the reference is float64, or small enough to hold a float64
-        # copy and every query can use the expansion (then the fast scores are the exact ones)
-        source, fast_dtype, augmented = flat, torch.float32, False
-        if bool(use_expansion.all()) and flat.numel() <= _FLOAT64_COPY_ELEMENTS:
-            # rows [x_i, ||x_i||^2]: one matmul with [(1-s)x/s^2, -(1-s)^2/(2s^2)] gives ŝ
-            source, fast_dtype, augmented = ref._float64_augmented(), torch.float64, True
-        elif flat.dtype == torch.float64:
-            fast_dtype = torch.float64
-        exact_fast = fast_dtype == torch.float64 and bool(use_expansion.all())
-        qf = q.to(fast_dtype)
-        if augmented:
-            qf = torch.cat([qf * (a * inv_s2)[:, None], (-0.5 * a.square() * inv_s2)[:, None]], 1)
-        # rigorous bound E on |ŝ_i - (l_i + ||x||^2/(2 s^2))| for the fast pass
-        u = torch.finfo(fast_dtype).eps / 2
-        gamma = (dim + 3) * u / (1 - (dim + 3) * u)
-        scale = a * x_norm * max_norm + a.square() * max_norm ** 2
-        err = 1.01 * inv_s2 * (a * x_norm * max_norm * (gamma + u) + 8 * dim * u64 * scale)
-        threshold = 2 * err + math.log(n / self.drop_tolerance)
+        threshold = 2 * torch.maximum(err32, err64) + math.log(n / self.drop_tolerance)
+        # When every query may use the float64 expansion, float64 scores are exact and the
+        # float32 selection pass is skipped: from the start for float64 or small references
+        # (small ones keep a cached float64 copy), else from the first dense chunk on.
+        all_expansion = bool(use_expansion.all())
+        small = flat.numel() <= _FLOAT64_COPY_ELEMENTS
+        source = ref._float64_flat() if all_expansion and small else flat
+        in_float64 = all_expansion and (small or flat.dtype == torch.float64)
+        q32 = q.to(torch.float32)
+        c1, c2 = (a * inv_s2)[:, None], (0.5 * a.square() * inv_s2)[:, None]
 
         acc = _Acc(m=torch.full((b,), -math.inf, dtype=torch.float64),
                    S=torch.zeros(b, dtype=torch.float64), Q=torch.zeros(b, dtype=torch.float64),
@@ -264,57 +253,43 @@ class EmpiricalOracle:
             stop = min(n, start + self.chunk_size)
             idx = torch.arange(start, stop) if pool is None else pool[start:stop]
             chunk = source[start:stop] if pool is None else source[idx.to(source.device)]
-            chunk = chunk.to("cpu")
-            # fast pass: one matmul, scores in float64
-            if augmented:
-                s_hat = qf @ chunk.T
-                chunk = chunk[:, :dim]
+            chunk, rows = chunk.to("cpu"), None
+            # selection scores ŝ = ((1-s) x.x_i - (1-s)^2 ||x_i||^2 / 2) / s^2, error <= err
+            if in_float64:
+                rows = chunk.to(torch.float64)
+                s_hat, err = c1 * (q @ rows.T) - c2 * sqn[idx][None, :], err64
             else:
-                dots = (qf @ chunk.to(fast_dtype).T).to(torch.float64)
-                s_hat = (a[:, None] * dots - (0.5 * a.square())[:, None] * sqn[idx][None, :]) \
-                    * inv_s2[:, None]
+                dots = q32 @ chunk.to(torch.float32).T
+                s_hat, err = c1 * dots.to(torch.float64) - c2 * sqn[idx][None, :], err32
+            exact_scores = in_float64  # ŝ itself is exact (expansion scale) for every query
             fast_max = torch.maximum(fast_max, s_hat.max(1).values)
             keep = s_hat >= (fast_max - threshold)[:, None]
-            n_keep = int(keep.sum())
-            dense = 8 * n_keep > keep.numel() or n_keep * dim > _GATHER_ELEMENTS
-            if dense:
-                keep.fill_(True)
-            else:  # dropped-mass bookkeeping: true l_i + ||x||^2/(2 s^2) <= ŝ_i + E
-                acc.n_drop += (~keep).sum(1)
-                acc.drop_max = torch.maximum(
-                    acc.drop_max, s_hat.masked_fill(keep, -math.inf).max(1).values + err - offset)
-                if n_keep == 0:
-                    continue
-            # exact pass: float64 log-weights on the kept (query, sample) pairs
-            if dense:
-                rows = chunk.to(torch.float64)
-                logits = s_hat if exact_fast else self._exact_logits(
-                    q, a, inv_s2, rows, sqn[idx], use_expansion)
-                _update(acc, logits, idx, rows)
-            else:
-                qi, ci = keep.nonzero().unbind(1)
-                rows = chunk[ci].to(torch.float64)
-                logits = s_hat[qi, ci] if exact_fast else _pair_logits(
-                    q, a, inv_s2, qi, rows, sqn[idx[ci]], use_expansion)
-                _update_pairs(acc, qi, logits, idx[ci], rows)
+            # per query: dense (exact scores on the whole chunk) or sparse (kept pairs only)
+            kept = keep.sum(1)
+            dense = (8 * kept > keep.shape[1]).nonzero().flatten()
+            sparse = (8 * kept <= keep.shape[1]).nonzero().flatten()
+            if sparse.numel():  # dropped-mass bookkeeping: true l_i + ||x||^2/(2 s^2) <= ŝ_i + E
+                keep_s = keep[sparse]
+                acc.n_drop[sparse] += (~keep_s).sum(1)
+                dropped_max = s_hat[sparse].masked_fill(keep_s, -math.inf).max(1).values
+                acc.drop_max[sparse] = torch.maximum(
+                    acc.drop_max[sparse], dropped_max + err[sparse] - offset[sparse])
+            if dense.numel():
+                rows = chunk.to(torch.float64) if rows is None else rows
+                logits = s_hat[dense] if exact_scores else _exact_logits(
+                    q[dense], a[dense], inv_s2[dense], rows, sqn[idx], use_expansion[dense])
+                _update(acc, dense, logits, idx, rows)
+                in_float64 = in_float64 or all_expansion
+            if sparse.numel() and bool(keep_s.any()):
+                qi, ci = keep_s.nonzero().unbind(1)
+                qi = sparse[qi]
+                for part in torch.split(torch.arange(qi.numel()), max(1, _GATHER_ELEMENTS // dim)):
+                    qp, cp = qi[part], ci[part]
+                    pair_rows = (rows if rows is not None else chunk)[cp].to(torch.float64)
+                    logits = s_hat[qp, cp] if exact_scores else _pair_logits(
+                        q, a, inv_s2, qp, pair_rows, sqn[idx[cp]], use_expansion)
+                    _update_pairs(acc, qp, logits, idx[cp], pair_rows)
         return acc
-
-    @staticmethod
-    def _exact_logits(q: torch.Tensor, a: torch.Tensor, inv_s2: torch.Tensor, sub: torch.Tensor,
-                      sub_sqn: torch.Tensor, use_expansion: torch.Tensor) -> torch.Tensor:
-        """Exact float64 log-weights: l_i + ||x||^2/(2 s^2) by expansion where ``use_expansion``,
-        else l_i = -||x - a x_i||^2 / (2 s^2) from the differences (no cancellation)."""
-        logits = torch.empty(q.shape[0], sub.shape[0], dtype=torch.float64)
-        exp_rows = use_expansion.nonzero().flatten()
-        if exp_rows.numel():
-            ae = a[exp_rows, None]
-            logits[exp_rows] = (ae * (q[exp_rows] @ sub.T) - 0.5 * ae.square() * sub_sqn[None, :]) \
-                * inv_s2[exp_rows, None]
-        dir_rows = (~use_expansion).nonzero().flatten()
-        for r in dir_rows.tolist():  # direct differences, one query at a time: O(chunk) memory
-            diff = q[r][None, :] - a[r] * sub
-            logits[r] = -0.5 * diff.square().sum(1) * inv_s2[r]
-        return logits
 
     def _top_k(self, q: torch.Tensor, s: torch.Tensor, label: int | None,
                want_mean: bool) -> _Acc:
@@ -360,6 +335,44 @@ class EmpiricalOracle:
         return acc
 
 
+def _error_bounds(a: torch.Tensor, inv_s2: torch.Tensor, x_norm: torch.Tensor, max_norm: float,
+                  dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rigorous per-query bounds on the selection scores ŝ and the float64 expansion.
+
+    A dot product of length D in precision u errs by at most γ_{D+3}·||x||·||x_i||, with
+    γ_n = n·u / (1 - n·u) (Higham, Accuracy and Stability of Numerical Algorithms, §3.1), and
+    the float64 ||x_i||^2 (from float32 values: exact squares) by γ_{D+3}·||x_i||^2. Returns
+    ``(err32, err64, use_expansion)``: the bound on ŝ from a float32 matmul, the bound from a
+    float64 matmul, and whether the latter is below ``_EXPANSION_TOL`` nats.
+    """
+    u32, u64 = torch.finfo(torch.float32).eps / 2, torch.finfo(torch.float64).eps / 2
+    g32 = (dim + 3) * u32 / (1 - (dim + 3) * u32)
+    g64 = (dim + 3) * u64 / (1 - (dim + 3) * u64)
+    cross = a * x_norm * max_norm * inv_s2            # |(1-s) x.x_i / s^2| <= cross
+    square = 0.5 * a.square() * max_norm ** 2 * inv_s2
+    err64 = 1.01 * ((g64 + 2 * u64) * (cross + square))
+    err32 = 1.01 * ((g32 + u32) * cross) + err64      # + rounding the query to float32
+    return err32, err64, err64 < _EXPANSION_TOL
+
+
+def _exact_logits(q: torch.Tensor, a: torch.Tensor, inv_s2: torch.Tensor, sub: torch.Tensor,
+                  sub_sqn: torch.Tensor, use_expansion: torch.Tensor) -> torch.Tensor:
+    """Exact float64 log-weights: l_i + ||x||^2/(2 s^2) by expansion where ``use_expansion``,
+    else l_i = -||x - a x_i||^2 / (2 s^2) from the differences (no cancellation)."""
+    logits = torch.empty(q.shape[0], sub.shape[0], dtype=torch.float64)
+    exp_rows = use_expansion.nonzero().flatten()
+    if exp_rows.numel():
+        ae = a[exp_rows, None]
+        logits[exp_rows] = (ae * (q[exp_rows] @ sub.T) - 0.5 * ae.square() * sub_sqn[None, :]) \
+            * inv_s2[exp_rows, None]
+    dir_rows = (~use_expansion).nonzero().flatten()
+    if dir_rows.numel():  # ||x - a x_i|| = a ||x/a - x_i||; cdist sums differences (a > 0 here)
+        ad = a[dir_rows, None]
+        dist = torch.cdist(q[dir_rows] / ad, sub, compute_mode="donot_use_mm_for_euclid_dist")
+        logits[dir_rows] = -0.5 * (ad * dist).square() * inv_s2[dir_rows, None]
+    return logits
+
+
 def _pair_logits(q: torch.Tensor, a: torch.Tensor, inv_s2: torch.Tensor, query: torch.Tensor,
                  rows: torch.Tensor, rows_sqn: torch.Tensor, use_expansion: torch.Tensor) -> torch.Tensor:
     """Exact float64 log-weights of (query[j], rows[j]) pairs, on each query's own scale."""
@@ -369,38 +382,42 @@ def _pair_logits(q: torch.Tensor, a: torch.Tensor, inv_s2: torch.Tensor, query: 
     return torch.where(use_expansion[query], expanded, direct)
 
 
-def _update(acc: _Acc, logits: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> None:
-    """Fold exact log-weights ``logits`` (b, c) of reference ``rows`` (c, D) into ``acc``."""
+def _update(acc: _Acc, sel: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor,
+            rows: torch.Tensor) -> None:
+    """Fold exact log-weights ``logits`` (len(sel), c) of reference ``rows`` (c, D), samples
+    ``idx`` (c,), into the accumulators of the queries ``sel``."""
     chunk_max, chunk_arg = logits.max(1)
-    new_m = torch.maximum(acc.m, chunk_max)
-    rescale = _rescale(acc, new_m)
+    old_m = acc.m[sel]
+    new_m = torch.maximum(old_m, chunk_max)
+    rescale = _rescale(acc, sel, new_m)
     centred = logits - new_m[:, None]
     p = torch.exp(centred)
-    acc.S = rescale * acc.S + p.sum(1)
-    acc.Q = rescale.square() * acc.Q + torch.einsum("bc,bc->b", p, p)
-    acc.H += torch.einsum("bc,bc->b", p, centred)
+    acc.S[sel] = rescale * acc.S[sel] + p.sum(1)
+    acc.Q[sel] = rescale.square() * acc.Q[sel] + torch.einsum("bc,bc->b", p, p)
+    acc.H[sel] += torch.einsum("bc,bc->b", p, centred)
     if acc.A is not None:
-        acc.A = rescale[:, None] * acc.A + p @ rows
-    better = chunk_max > acc.m
-    acc.best = torch.where(better, idx[chunk_arg], acc.best)
-    acc.m = new_m
+        acc.A[sel] = rescale[:, None] * acc.A[sel] + p @ rows
+    acc.best[sel] = torch.where(chunk_max > old_m, idx[chunk_arg], acc.best[sel])
+    acc.m[sel] = new_m
 
 
 def _update_pairs(acc: _Acc, query: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor,
                   rows: torch.Tensor) -> None:
-    """Fold sparse exact log-weights ``logits`` (P,) of (``query``[j], reference ``idx``[j])."""
+    """Fold sparse exact log-weights ``logits`` (P,) of (``query``[j], reference ``idx``[j]),
+    with rows ``rows`` (P, D), into the accumulators."""
     b = acc.m.shape[0]
     chunk_max = torch.full((b,), -math.inf, dtype=torch.float64).scatter_reduce(
         0, query, logits, "amax")
+    everyone = torch.arange(b)
     new_m = torch.maximum(acc.m, chunk_max)
-    rescale = _rescale(acc, new_m)
+    rescale = _rescale(acc, everyone, new_m)
     centred = logits - new_m[query]
     p = torch.exp(centred)
     acc.S = rescale * acc.S + torch.zeros(b, dtype=torch.float64).index_add_(0, query, p)
     acc.Q = rescale.square() * acc.Q + torch.zeros(b, dtype=torch.float64).index_add_(0, query, p * p)
     acc.H += torch.zeros(b, dtype=torch.float64).index_add_(0, query, p * centred)
     if acc.A is not None:
-        acc.A = rescale[:, None] * acc.A
+        acc.A *= rescale[:, None]
         acc.A.index_add_(0, query, p[:, None] * rows)
     # first pair attaining each query's chunk maximum
     position = torch.arange(logits.numel())
@@ -411,12 +428,14 @@ def _update_pairs(acc: _Acc, query: torch.Tensor, logits: torch.Tensor, idx: tor
     acc.m = new_m
 
 
-def _rescale(acc: _Acc, new_m: torch.Tensor) -> torch.Tensor:
-    """Move S, H (Q, A by the caller) from the old running max ``acc.m`` to ``new_m``.
+def _rescale(acc: _Acc, sel: torch.Tensor, new_m: torch.Tensor) -> torch.Tensor:
+    """Move H of the queries ``sel`` from the running max ``acc.m[sel]`` to ``new_m``.
 
-    Returns e^{m_old - m_new}; queries without mass yet (m = -inf) get factor 0 and stay empty.
+    Returns the factor e^{m_old - m_new} for S, Q and A (applied by the caller); queries
+    without mass yet (m = -inf, S = 0) get factor 0 and stay empty.
     """
-    shift = acc.m - new_m                      # <= 0; -inf before the first mass, nan if both -inf
-    rescale = torch.where(acc.S > 0, torch.exp(shift), 0.0)
-    acc.H = torch.where(acc.S > 0, rescale * (acc.H + shift * acc.S), 0.0)
+    has_mass = acc.S[sel] > 0
+    shift = acc.m[sel] - new_m                 # <= 0; -inf or nan only where there is no mass
+    rescale = torch.where(has_mass, torch.exp(shift), 0.0)
+    acc.H[sel] = torch.where(has_mass, rescale * (acc.H[sel] + shift * acc.S[sel]), 0.0)
     return rescale

@@ -132,12 +132,11 @@ class ReferenceSet:
             self._cache["sqnorm"] = sq
         return self._cache["sqnorm"]  # type: ignore[return-value]
 
-    def _float64_augmented(self) -> torch.Tensor:
-        """Cached float64 ``(N, D + 1)`` rows ``[x_i, ||x_i||^2]`` (small sets only: it is a copy)."""
-        if "aug64" not in self._cache:
-            flat = self.flat.to(torch.float64)
-            self._cache["aug64"] = torch.cat([flat, flat.square().sum(1, keepdim=True)], 1)
-        return self._cache["aug64"]  # type: ignore[return-value]
+    def _float64_flat(self) -> torch.Tensor:
+        """A cached float64 ``(N, D)`` copy (only for small sets: it doubles the memory)."""
+        if "flat64" not in self._cache:
+            self._cache["flat64"] = self.flat.to(torch.float64).contiguous()
+        return self._cache["flat64"]  # type: ignore[return-value]
 
     # ----------------------------------------------------------------------------- I/O
     def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

@@ -51,8 +51,17 @@ def entropy(w):
     return -(w * torch.log(w.clamp_min(1e-300))).sum(1)
 
 
+@pytest.fixture(params=["float64-copy", "float32-selection"])
+def selection(request, monkeypatch):
+    """Run with the small-set float64 copy, and with it disabled (the float32 selection pass
+    that large reference sets take, switching to float64 after the first dense chunk)."""
+    if request.param == "float32-selection":
+        monkeypatch.setattr("steersample.oracle._FLOAT64_COPY_ELEMENTS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("sigma", SIGMAS)
-def test_matches_float64_brute_force(sigma):
+def test_matches_float64_brute_force(sigma, selection):
     latents, _, x = clustered(sigma)
     w, x0, v = brute_force(latents, x, sigma)
     assert float(w.max(1).values.max()) < 0.99  # the weights are not trivial
@@ -85,7 +94,7 @@ def test_naive_float32_expansion_would_fail_at_small_sigma():
     assert rel(out, x0) < 1e-6
 
 
-def test_per_sample_sigma_tensor():
+def test_per_sample_sigma_tensor(selection):
     latents, _, x = clustered(0.3)
     sigma = torch.tensor([0.95, 0.5, 0.3, 0.1, 0.01, 1.0])
     _, x0, v = brute_force(latents, x, sigma)
@@ -105,7 +114,7 @@ def test_sigma_one_is_uniform():
 
 
 @pytest.mark.parametrize("sigma", [0.9, 0.2, 0.02])
-def test_chunked_equals_unchunked(sigma):
+def test_chunked_equals_unchunked(sigma, selection):
     latents, _, x = clustered(sigma, dim=256, members=40)
     ref = ss.ReferenceSet(latents)
     whole = ss.EmpiricalOracle(ref, chunk_size=len(ref)).evaluate(x.double(), sigma)
@@ -118,7 +127,7 @@ def test_chunked_equals_unchunked(sigma):
 
 
 @pytest.mark.parametrize("sigma", [0.95, 0.3, 0.05])
-def test_class_conditional_only_weights_its_class(sigma):
+def test_class_conditional_only_weights_its_class(sigma, selection):
     latents, labels, x = clustered(sigma, dim=128, members=30)
     ref = ss.ReferenceSet(latents, labels)
     oracle = ss.EmpiricalOracle(ref, chunk_size=17)
