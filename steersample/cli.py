@@ -18,6 +18,7 @@ COMMANDS: tuple[str, ...] = (
     "phase",
     "analyze",
     "demo",
+    "index",
 )
 
 

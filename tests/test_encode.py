@@ -117,3 +117,28 @@ def test_bad_arguments(tmp_path, vae):
         encode_folder(tmp_path / "flat", vae, tmp_path / "store", labels_from_folders=True, progress=False)
     with pytest.raises(ValueError, match="shard_size must be a positive integer"):
         encode_folder(tmp_path / "flat", vae, tmp_path / "store", shard_size=0, progress=False)
+
+
+def test_index_build_command_resumes_and_reports(tmp_path, vae, capsys):
+    from steersample.cli import main
+
+    write_images(tmp_path / "img", 6)
+    vae.save_pretrained(tmp_path / "pipe" / "vae")
+    argv = ["index", "build", str(tmp_path / "store"), "--images", str(tmp_path / "img"),
+            "--vae", str(tmp_path / "pipe"), "--shard-size", "4", "--pool", "2", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "6 latents of shape (4, 8, 8) in 2 shards" in out and "Flat" in out
+    ref = ShardedReferenceSet.open(tmp_path / "store")
+    assert ref.index is not None and ref.manifest.key_dim == 64
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store").glob("*.safetensors")}
+    assert main(argv) == 0                        # a re-run finds everything done
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store").glob("*.safetensors")} == before
+    assert main(["index", "info", str(tmp_path / "store"), "--verify"]) == 0
+    assert "shards verified" in capsys.readouterr().out
+
+    assert main(["index", "build", str(tmp_path / "x"), "--images", str(tmp_path / "img")]) == 2
+    assert "--images needs --vae" in capsys.readouterr().err
+    assert main(["index", "build", str(tmp_path / "x"), "--images", str(tmp_path / "img"),
+                 "--vae", str(tmp_path / "img")]) == 2
+    assert "no VAE at" in capsys.readouterr().err

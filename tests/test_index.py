@@ -236,3 +236,26 @@ def test_damaged_shards_and_manifest_are_rejected(tmp_path, data):
         ShardedReferenceSet.open(tmp_path / "s")
     with pytest.raises(FileNotFoundError, match="no reference store"):
         ShardedReferenceSet.open(tmp_path / "nothing")
+
+
+def test_index_build_command_from_a_tensor_file(tmp_path, data, capsys, monkeypatch):
+    import shutil
+
+    from steersample.cli import main
+
+    latents, labels, queries = data
+    ss.ReferenceSet(latents, labels).save(tmp_path / "ref.safetensors")
+    argv = ["index", "build", str(tmp_path / "store"), "--tensor", str(tmp_path / "ref.safetensors"),
+            "--shard-size", "256", "--kind", "ivf", "--no-progress"]
+    assert main(argv) == 0
+    assert "700 latents of shape (2, 4, 4) in 3 shards" in capsys.readouterr().out
+    ref = ShardedReferenceSet.open(tmp_path / "store")
+    assert ref.index.spec.kind == "ivf" and torch.equal(ref.latents, latents)
+    assert main(["index", "info", str(tmp_path / "store")]) == 0
+    assert "IVF" in capsys.readouterr().out
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=0))
+    assert main(["index", "build", str(tmp_path / "other"), "--tensor", str(tmp_path / "ref.safetensors")]) == 2
+    assert "not enough disk space" in capsys.readouterr().err
+    assert not list((tmp_path / "other").glob("shard-*"))
