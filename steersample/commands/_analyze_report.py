@@ -122,7 +122,7 @@ def _plot_dimension_vs_sigma(ax, result: dict) -> None:
                 ax.fill_between(sigmas, [m - d for m, d in zip(mean, sd)],
                                 [m + d for m, d in zip(mean, sd)], color=_GROUP_COLOURS[group], alpha=0.15)
     ax.axvline(result["small_sigma"], color="grey", lw=0.6, ls=":")
-    ax.set_xscale("log")
+    _log_ticks(ax, sigmas)
     ax.set_xlim(max(sigmas) * 1.05, min(sigmas) / 1.05)
     ax.set_xlabel("sigma (log; 1 = noise)")
     ax.set_ylabel("local dimension (#sv > 0.5)")
@@ -132,21 +132,43 @@ def _plot_dimension_vs_sigma(ax, result: dict) -> None:
 
 def _plot_dimension_vs_size(ax, result: dict) -> None:
     sizes = result["subset_sizes"]
+    top = 1.0
     for s in result["subset_sigmas"]:
         mean = [_mean_sd(result["dimension_vs_size"][str(n)][str(s)])[0] for n in sizes]
         ax.plot(sizes, mean, marker="o", ms=3, label=f"oracle, sigma = {s:g}")
+        top = max(top, *mean)
     key = str(result["small_sigma"])
-    train = result["train_per_class"]
-    for group, classes in (("rare", result["rare_classes"]), ("frequent", result["frequent_classes"])):
-        n = statistics.fmean(train[c] if c in train else train[str(c)] for c in classes)
+    marked = []
+    for group in ("rare", "frequent"):
+        n = statistics.fmean(_sizes(result, group))
         m = _mean_sd(result["dimension_vs_sigma"]["model"][group][key])[0]
         ax.scatter([n], [m], marker="*", s=120, color=_GROUP_COLOURS[group], zorder=5,
                    label=f"model, {group} (sigma = {result['small_sigma']:g})")
-    ax.set_xscale("log")
+        marked.append(round(n))
+        top = max(top, m)
+    _log_ticks(ax, sorted(set(sizes) | set(marked)))
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(0.0, 2.0 * top)
     ax.set_xlabel("training images per class N (log)")
-    ax.set_ylabel("local dimension")
-    ax.set_title("small-sigma dimension vs training-set size", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_ylabel("local dimension (symlog)")
+    ax.set_title("local dimension vs training-set size", fontsize=9)
+    ax.legend(fontsize=7, loc="center right")
+
+
+def _sizes(result: dict, group: str) -> list[int]:
+    """Training images per class of the group's classes (JSON keys may be strings)."""
+    train = result["train_per_class"]
+    return [train[c] if c in train else train[str(c)] for c in result[f"{group}_classes"]]
+
+
+def _log_ticks(ax, values) -> None:
+    """Log x axis labelled at ``values`` only (no crowded minor labels)."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(list(values)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{v:g}" for v in values], fontsize=7)
 
 
 def _plot_trace(ax_dist, ax_err, result: dict) -> None:

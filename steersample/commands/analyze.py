@@ -7,9 +7,10 @@ Writes plots (PNG) and a Markdown table (``analyze.md``, numbers also in ``analy
    for the class-conditional empirical oracle and the model, on forward-noised held-out digits
    (``--at train``: training digits) x_σ = (1 - σ)·x + σ·ε of the rare and of the frequent
    classes (``local_dimension.png``);
-2. the oracle's local dimension at small σ against training-set size, on nested subsets of the
-   frequent classes, with the model's small-σ dimension for the rare and frequent training
-   sizes marked (``dimension_vs_n.png``);
+2. the oracle's local dimension against training-set size at several σ, on nested subsets of
+   the frequent classes (it grows with N, and is 0 for every N once σ is small: the oracle
+   memorises), with the model's small-σ dimension at the rare and frequent training sizes
+   marked (``dimension_vs_n.png``);
 3. reach / align / slide (SCIENCE.md §4): Euler trajectories of the model, their distance to
    the 1-dim log-density ridge of the class's smoothed training set and the normal and
    tangential parts of the model error v̂ - v* against σ (``ridge_trace.png``).
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="evaluate the dimension at noised held-out digits or at noised training digits")
     a("--subset-sizes", type=int, nargs="+", default=[2, 5, 10, 20, 50, 130],
       help="training-set sizes of the oracle subsets (capped at the class size)")
-    a("--subset-sigmas", type=float, nargs="+", default=[0.2, 0.1, 0.05],
+    a("--subset-sigmas", type=float, nargs="+", default=[0.5, 0.3, 0.2, 0.1],
       help="noise levels of the dimension-vs-size curves")
     a("--trajectories", type=int, default=2, help="traced trajectories per traced class")
     a("--trace-classes", type=int, nargs="+", default=None,
