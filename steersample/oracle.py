@@ -63,7 +63,7 @@ __all__ = ["EmpiricalOracle", "Posterior", "OracleOutput"]
 
 _EXPANSION_TOL = 1e-9           # nats: float64 expansion accepted below this error bound
 _CHUNK_ELEMENTS = 1 << 20       # default chunk: about 4 MB of float32 reference rows
-_GATHER_ELEMENTS = 1 << 22      # float64 elements per block of gathered top-k rows
+_GATHER_ELEMENTS = 1 << 20      # float64 elements per block of gathered rows (8 MB)
 _SCORE_ELEMENTS = 1 << 21       # queries x chunk scores per block (float64: 16 MB)
 _FLOAT64_COPY_ELEMENTS = 1 << 23  # references up to this size keep a cached float64 copy
 
@@ -118,13 +118,17 @@ class EmpiricalOracle:
         chunk_size: reference rows per streamed chunk (default: about 4 MB of float32 rows).
         top_k: ``None`` for the exact oracle; an int K for FAISS top-K candidates with exact
             weights on them (see the module docstring for the bound on the dropped mass).
+        max_dropped: in top-k mode, the largest dropped-mass bound accepted per query: K grows
+            4x until the bound is met, and queries that would need K > N/8 use the exact pass.
+            ``None`` keeps K fixed whatever the bound.
         approximate: in top-k mode, search candidates with the IVF index instead of exactly.
         nprobe: IVF lists visited per query in approximate top-k mode.
         drop_tolerance: δ, the posterior mass the exact mode may leave out (default 1e-12).
     """
 
     def __init__(self, reference: ReferenceSet, *, chunk_size: int | None = None,
-                 top_k: int | None = None, approximate: bool = False, nprobe: int | None = None,
+                 top_k: int | None = None, max_dropped: float | None = 1e-4,
+                 approximate: bool = False, nprobe: int | None = None,
                  drop_tolerance: float = 1e-12) -> None:
         if not isinstance(reference, ReferenceSet):
             raise TypeError(
@@ -137,6 +141,9 @@ class EmpiricalOracle:
         self.top_k = None if top_k is None else check_positive_int(top_k, "top_k")
         if approximate and self.top_k is None:
             raise ValueError("approximate=True needs top-k mode; pass top_k=K as well")
+        if max_dropped is not None and not (0.0 < float(max_dropped) < 1.0):
+            raise ValueError(f"max_dropped must lie in (0, 1) or be None, got {max_dropped}")
+        self.max_dropped = None if max_dropped is None else float(max_dropped)
         self.approximate = bool(approximate)
         self.nprobe = None if nprobe is None else check_positive_int(nprobe, "nprobe")
         if not (0.0 < float(drop_tolerance) < 1.0):
@@ -293,46 +300,66 @@ class EmpiricalOracle:
 
     def _top_k(self, q: torch.Tensor, s: torch.Tensor, label: int | None,
                want_mean: bool) -> _Acc:
+        """Top-K candidates by FAISS, exact weights on them (module docstring). With
+        ``max_dropped`` set, K is multiplied by 4 for the queries whose dropped-mass bound
+        exceeds it; queries that would need K > N/8 (and those at σ = 1) take the exact pass."""
         ref = self.reference
         n = len(ref) if label is None else ref.indices(label).numel()
-        k = min(self.top_k, n)
-        noise = s >= 1.0
-        if bool(noise.any()):  # uniform posterior: top-k cannot represent it, use the exact pass
-            acc_noise = self._exact(q[noise], s[noise], label, want_mean)
-        a = 1.0 - s
-        rest = (~noise).nonzero().flatten()
         b, dim = q.shape
         acc = _Acc(m=torch.zeros(b, dtype=torch.float64), S=torch.ones(b, dtype=torch.float64),
                    Q=torch.ones(b, dtype=torch.float64), H=torch.zeros(b, dtype=torch.float64),
                    A=torch.zeros(b, dim, dtype=torch.float64) if want_mean else None,
                    best=torch.zeros(b, dtype=torch.int64), n_drop=torch.zeros(b, dtype=torch.float64),
                    drop_max=torch.full((b,), -math.inf, dtype=torch.float64))
-        if rest.numel():
-            y = (q[rest] / a[rest, None]).reshape(-1, *ref.sample_shape)
+        pending = (s < 1.0).nonzero().flatten()    # σ = 1: uniform weights, top-k cannot hold them
+        exact = (s >= 1.0).nonzero().flatten()
+        k = min(self.top_k, n)
+        while pending.numel():
+            a, s2 = 1.0 - s[pending], s[pending].square()
+            y = (q[pending] / a[:, None]).reshape(-1, *ref.sample_shape)
             dist, idx = ref.nearest(y, k=k, labels=label, approximate=self.approximate,
                                     nprobe=self.nprobe)
             dist, idx = dist.to("cpu", torch.float64), idx.cpu()
-            logits = -0.5 * (a[rest, None] * dist).square() / s[rest, None].square()
-            m = logits[:, 0]
-            p = torch.exp(logits - m[:, None])
-            acc.m[rest], acc.S[rest] = m, p.sum(1)
-            acc.Q[rest], acc.H[rest] = p.square().sum(1), (p * (logits - m[:, None])).sum(1)
-            acc.best[rest] = idx[:, 0]
-            acc.n_drop[rest] = float(n - k)
-            acc.drop_max[rest] = logits[:, -1] if n > k else -math.inf
-            if want_mean:
-                flat = ref.flat
-                block = max(1, _GATHER_ELEMENTS // (k * dim))
-                for i in range(0, rest.numel(), block):
-                    rows = flat[idx[i:i + block].flatten().to(flat.device)].to("cpu", torch.float64)
-                    acc.A[rest[i:i + block]] = torch.einsum(
-                        "bk,bkd->bd", p[i:i + block], rows.reshape(-1, k, dim))
-        if bool(noise.any()):
+            # ||x - (1-s) x_i|| = (1-s) ||x/(1-s) - x_i||; every other sample is at least as far
+            logits = -0.5 * (a[:, None] * dist).square() / s2[:, None]
+            centred = logits - logits[:, :1]
+            p = torch.exp(centred)
+            S = p.sum(1)
+            bound = (n - k) * torch.exp(centred[:, -1]) / S if k < n else torch.zeros_like(S)
+            done = (bound <= self.max_dropped if self.max_dropped is not None
+                    else torch.ones(S.shape, dtype=torch.bool))
+            rows = pending[done]
+            acc.m[rows], acc.S[rows] = logits[done, 0], S[done]
+            acc.Q[rows] = torch.einsum("bk,bk->b", p[done], p[done])
+            acc.H[rows] = torch.einsum("bk,bk->b", p[done], centred[done])
+            acc.best[rows] = idx[done, 0]
+            acc.n_drop[rows] = float(n - k)
+            acc.drop_max[rows] = logits[done, -1] if k < n else -math.inf
+            if want_mean and rows.numel():
+                acc.A[rows] = _weighted_rows(ref.flat, idx[done], p[done])
+            pending = pending[~done]
+            k = min(4 * k, n)
+            if pending.numel() and 8 * k > n:  # too spread for top-k: exact pass
+                exact = torch.cat([exact, pending])
+                break
+        if exact.numel():
+            sub = self._exact(q[exact], s[exact], label, want_mean)
             for name in ("m", "S", "Q", "H", "best", "n_drop", "drop_max"):
-                getattr(acc, name)[noise] = getattr(acc_noise, name)
+                getattr(acc, name)[exact] = getattr(sub, name)
             if want_mean:
-                acc.A[noise] = acc_noise.A
+                acc.A[exact] = sub.A
         return acc
+
+
+def _weighted_rows(flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_j weights[b, j] · flat[idx[b, j]] in float64, (B, D), gathering O(_GATHER_ELEMENTS) at a time."""
+    out = torch.zeros(idx.shape[0], flat.shape[1], dtype=torch.float64)
+    step = max(1, _GATHER_ELEMENTS // flat.shape[1])
+    for b in range(idx.shape[0]):
+        for j in range(0, idx.shape[1], step):
+            rows = flat[idx[b, j:j + step].to(flat.device)].to("cpu", torch.float64)
+            out[b] += weights[b, j:j + step] @ rows
+    return out
 
 
 def _error_bounds(a: torch.Tensor, inv_s2: torch.Tensor, x_norm: torch.Tensor, max_norm: float,

@@ -33,7 +33,7 @@ __all__ = ["ReferenceSet"]
 
 _FORMAT = "steersample.ReferenceSet"
 _VERSION = "1"
-_QUERY_BLOCK_ELEMENTS = 1 << 22  # float64 elements per block when re-ranking candidates
+_QUERY_BLOCK_ELEMENTS = 1 << 20  # float64 elements per block when re-ranking candidates
 
 
 class ReferenceSet:
@@ -214,7 +214,7 @@ class ReferenceSet:
                 where = "the reference set" if label is None else f"class {label}"
                 raise ValueError(f"k={k} exceeds the {pool.numel()} samples in {where}; use k <= {pool.numel()}")
             q = x.reshape(x.shape[0], -1)[rows]
-            k_search = min(pool.numel(), 2 * k + 8)
+            k_search = min(pool.numel(), k + k // 4 + 8)  # spare candidates for the re-ranking
             if approximate:
                 cand = self._search_ivf(q, k_search, label, nprobe)
             else:
@@ -290,14 +290,15 @@ class ReferenceSet:
     def _rerank(self, q: torch.Tensor, cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Recompute candidate distances in float64 from differences; keep the k closest."""
         flat = self.flat
-        dist = torch.empty(cand.shape, dtype=torch.float64)
-        block = max(1, _QUERY_BLOCK_ELEMENTS // max(1, cand.shape[1] * self.dim))
-        for i in range(0, q.shape[0], block):
-            rows = flat[cand[i:i + block].flatten().to(flat.device)].to("cpu", torch.float64)
-            rows = rows.reshape(-1, cand.shape[1], self.dim)
-            diff = q[i:i + block].to("cpu", torch.float64)[:, None, :] - rows
-            dist[i:i + block] = diff.square().sum(-1).sqrt()
-        dist, order = torch.sort(dist, dim=1, stable=True)
+        q64 = q.to("cpu", torch.float64)
+        query = torch.arange(cand.shape[0]).repeat_interleave(cand.shape[1])
+        pairs = cand.flatten()
+        dist = torch.empty(pairs.numel(), dtype=torch.float64)
+        step = max(1, _QUERY_BLOCK_ELEMENTS // self.dim)      # (query, candidate) pairs per block
+        for i in range(0, pairs.numel(), step):
+            rows = flat[pairs[i:i + step].to(flat.device)].to("cpu", torch.float64)
+            dist[i:i + step] = (q64[query[i:i + step]] - rows).square().sum(1).sqrt()
+        dist, order = torch.sort(dist.reshape(cand.shape), dim=1, stable=True)
         return dist[:, :k], torch.gather(cand, 1, order)[:, :k]
 
 

@@ -155,7 +155,7 @@ def test_top_k_mode_exact_weights_and_bound(sigma):
     w, x0, _ = brute_force(latents, x, sigma)
     full = ss.EmpiricalOracle(ref, top_k=len(ref)).evaluate(x.double(), sigma)
     assert rel(full.denoised, x0) < 1e-9 and float(full.posterior.dropped_mass.max()) == 0.0
-    out = ss.EmpiricalOracle(ref, top_k=20).evaluate(x.double(), sigma)
+    out = ss.EmpiricalOracle(ref, top_k=20, max_dropped=None).evaluate(x.double(), sigma)
     top = torch.topk(w, 20, dim=1)
     kept = top.values.sum(1)
     true_dropped = (1 - kept) / kept            # dropped mass relative to the computed mass
@@ -164,6 +164,18 @@ def test_top_k_mode_exact_weights_and_bound(sigma):
     x0_k = torch.einsum("bk,bkd->bd", top.values / kept[:, None], latents.double()[top.indices])
     assert rel(out.denoised, x0_k) < 1e-9
     assert torch.allclose(out.posterior.top1, top.values[:, 0] / kept, rtol=1e-9)
+
+
+@pytest.mark.parametrize("sigma", [0.6, 0.3, 0.1])   # all exact fallback, mixed, all top-k
+def test_top_k_adaptive_meets_max_dropped(sigma):
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2000, 8, generator=g)
+    x = (1 - sigma) * latents[:12] + sigma * torch.randn(12, 8, generator=g)
+    _, x0, v = brute_force(latents, x, sigma)
+    oracle = ss.EmpiricalOracle(ss.ReferenceSet(latents), top_k=4, max_dropped=1e-6)
+    out = oracle.evaluate(x.double(), sigma)
+    assert float(out.posterior.dropped_mass.max()) <= 1e-6
+    assert rel(out.denoised, x0) < 1e-5 and rel(out.velocity, v) < 1e-5
 
 
 def test_top_k_approximate_index_runs_and_is_close_at_small_sigma():
