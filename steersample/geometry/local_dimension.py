@@ -23,9 +23,10 @@ Two estimators, both matrix-free (only products with M and Mᵀ):
   lower bounds of the true ones; the error of σ_j falls like (σ_{l+1}/σ_j)^(2·power_iters + 1),
   so raise ``power_iters`` (sharper) or ``oversample``/``rank`` (wider sketch). With
   ``rank=None`` the rank doubles (from 32) until the smallest estimate falls below the
-  threshold, so the count above it is complete (``LocalDimension.complete``); once a sketch
-  would cost D products or more it computes the exact spectrum instead (flat spectra, e.g. an
-  untrained model, have nothing to gain from sketching).
+  threshold, so the count above it is complete (``LocalDimension.complete``); once the
+  products spent plus the next sketch would reach D it computes the exact spectrum instead
+  (flat spectra, e.g. an untrained model, gain nothing from sketching), so the adaptive
+  estimate never costs more than about 2·D products.
 
 ``method="auto"`` (default) is exact for D ≤ ``exact_max_dim`` (2048) and randomised above.
 Forward-mode AD needs attention in the composite "math" kernel, so every product runs inside
@@ -188,9 +189,9 @@ def local_dimension(denoise_fn: DenoiseFn, x: torch.Tensor, sigma: float, *,
         else:
             k = min(dim, _START_RANK)
             while True:
-                if (2 + 2 * power_iters) * min(dim, k + oversample) >= dim:
+                if op.count + (2 + 2 * power_iters) * min(dim, k + oversample) >= dim:
                     method, sv, k = "exact", torch.linalg.svdvals(_dense(op, ad)), dim
-                    break                       # a sketch this wide costs more than D products
+                    break                       # sketching would cost more than D products
                 sv = _randomized_svdvals(op, k, oversample, power_iters, gen)
                 if float(sv[-1]) < threshold or k >= dim:
                     break
