@@ -26,7 +26,7 @@ _EXPORTS: dict[str, str] = {
     "StepState": "steersample.sampling",
     "Telemetry": "steersample.telemetry",
     "load_default": "steersample.default",
-    "AttractorRepulsion": "steersample.steering",
+    "AttractorRepulsion": "steersample.attractor",
     "RepresentationSteering": "steersample.steering",
     "NoSteering": "steersample.steering",
 }

@@ -1,0 +1,262 @@
+"""``AttractorRepulsion``: keep samples out of memorised attractors by sliding along the ridge.
+
+A model that memorises a reference set behaves, in the refinement stage, like the empirical
+oracle (``SCIENCE.md`` §1): its one-step estimate x̂₀ snaps onto the nearest training sample x⁽¹⁾
+and the trajectory ends on a copy. Pushing straight away from x⁽¹⁾ (AMG, Chen et al. CVPR 2024;
+SPELL, Kirchhof et al. arXiv 2410.06025) leaves the data and damages the image; pulling towards
+the posterior mean of several neighbours collapses every sample of one attractor onto the same
+blurred blend. This steerer instead moves x̂₀ onto the *ridge between training samples*
+(He, Qiu, Tao, arXiv 2602.06021, ``SCIENCE.md`` §4) and leaves the position *along* the ridge
+to the trajectory:
+
+    y   = x_σ / (1 − σ)                    the current point in data units (noise σ/(1 − σ))
+    N   = the K nearest reference samples of y (of the sample's class when labelled)
+    p   = argmin_{a ∈ Δ_c} ‖Σ_k a_k x⁽ᵏ⁾ − y‖²,   Δ_c = {a ≥ 0, Σ a = 1, a_k ≤ c},  c = 1/(1 + strength)
+    x̂₀ ← Σ_k a_k x⁽ᵏ⁾                    (v ← (x_σ − x̂₀) / σ)
+
+``p`` is the Euclidean projection of y onto the convex hull of its neighbours with every weight
+capped at c. Inside the hull the projection keeps y's tangential coordinate (set by the
+navigation stage, where models generalise), so samples stay diverse; the normal part is pulled
+onto the hull (no noise, no speckle, pixel values within the neighbours' range); and the cap
+keeps any single training sample from holding more than c of the weight, so the result is never
+that sample. For two neighbours at the cap, d(p, x⁽¹⁾) / d(p, x⁽²⁾) = (1 − c)/c = ``strength``:
+the strength is the nearest-neighbour ratio the steerer aims for (the ratio test calls a sample
+a copy below 1/3).
+
+It acts per sample and only where that sample is falling into an attractor:
+
+- **refinement stage:** the oracle posterior of (x_σ, σ) over the K neighbours is concentrated,
+  max_k γ_k ≥ 1/2 (the per-sample form of "σ below the phase boundary σ*", which is where the
+  mean top-1 weight crosses 1/2; Liu et al., arXiv 2512.02826);
+- **near an attractor:** the model's x̂₀ is close to one reference sample relative to the next,
+  d(x̂₀, NN₁) / d(x̂₀, NN₂) < ``trigger``.
+
+Both tests are ratios, so the defaults hold on any data scale. With ``trigger > 1/3`` every
+estimate the steerer lets through passes the ratio test. Elsewhere the prediction is returned
+untouched (bit for bit), so generalising samples are not moved.
+
+Cost per step: two FAISS k-NN queries (2 neighbours of x̂₀, K of y) and, for the samples that are steered,
+a K-variable projected-gradient solve (``HULL_ITERATIONS`` accelerated steps, exact capped-simplex
+projection); no extra model evaluations.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from steersample.steering import SteeringOutput, register_steerer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from steersample.sampling import StepState
+
+__all__ = [
+    "AttractorRepulsion",
+    "project_capped_simplex",
+    "project_to_capped_hull",
+    "class_neighbour_count",
+    "REFINEMENT_TOP1",
+    "HULL_ITERATIONS",
+]
+
+REFINEMENT_TOP1 = 0.5
+"""Posterior top-1 weight above which a sample counts as being in the refinement stage."""
+
+HULL_ITERATIONS = 60
+"""Accelerated projected-gradient steps of the capped-hull projection (K variables)."""
+
+
+def _check_strength(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(
+            f"{name} must be a finite number >= 0, got {value!r}; 0 switches the steerer off, "
+            f"larger values steer harder (e.g. {name}=1.0)"
+        )
+    return value
+
+
+def project_capped_simplex(z: torch.Tensor, cap: float | torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each row of ``z`` ``(B, K)`` onto {a : Σ a = 1, 0 ≤ a ≤ cap}.
+
+    The solution is ``a_k = clip(z_k − τ, 0, cap)`` with τ chosen so that Σ a = 1. The sum is a
+    non-increasing piecewise-linear function of τ with breakpoints at z_k and z_k − cap, so τ is
+    found exactly by evaluating it at all 2K breakpoints and interpolating (no iteration).
+
+    Args:
+        z: ``(B, K)`` floating tensor.
+        cap: a number or ``(B,)`` tensor with ``K · cap ≥ 1`` (else the set is empty).
+    """
+    cap_t = torch.as_tensor(cap, dtype=z.dtype, device=z.device).reshape(-1, 1).expand(z.shape[0], 1)
+    if bool((cap_t * z.shape[1] < 1 - 1e-12).any()):
+        raise ValueError(
+            f"cap {cap_t.min().item():g} is below 1/K = {1 / z.shape[1]:g}: no weights on the "
+            f"simplex satisfy it; use more neighbours or a smaller strength"
+        )
+    breaks = torch.sort(torch.cat([z, z - cap_t], dim=1), dim=1).values           # (B, 2K)
+    total = torch.minimum((z[:, None, :] - breaks[:, :, None]).clamp_min(0), cap_t[:, :, None]).sum(-1)
+    # total is non-increasing along the sorted breakpoints, from K·cap >= 1 down to 0
+    j = (total >= 1.0).sum(1, keepdim=True).clamp(1, breaks.shape[1] - 1) - 1
+    t0, t1 = breaks.gather(1, j), breaks.gather(1, j + 1)
+    f0, f1 = total.gather(1, j), total.gather(1, j + 1)
+    slope = torch.where(f0 > f1, (f0 - 1.0) / (f0 - f1).clamp_min(1e-300), torch.zeros_like(f0))
+    tau = t0 + slope * (t1 - t0)
+    return torch.minimum((z - tau).clamp_min(0), cap_t)
+
+
+def project_to_capped_hull(y: torch.Tensor, neighbours: torch.Tensor, cap: float | torch.Tensor,
+                           iterations: int = HULL_ITERATIONS) -> torch.Tensor:
+    """Weights ``a`` ``(B, K)`` of the point of the capped convex hull nearest to ``y``.
+
+    Solves ``min_a ‖Σ_k a_k n_k − y‖²`` over {a ≥ 0, Σ a = 1, a ≤ cap} by accelerated projected
+    gradient (FISTA) on the centred Gram matrix (on the simplex only differences of the n_k
+    matter, which keeps the problem well conditioned), starting from uniform weights.
+
+    Args:
+        y: ``(B, D)`` points.
+        neighbours: ``(B, K, D)`` hull vertices per point.
+        cap: a number or ``(B,)`` tensor, ``K · cap ≥ 1``.
+        iterations: FISTA steps.
+    """
+    centre = neighbours.mean(1, keepdim=True)
+    xc = neighbours - centre                                                     # (B, K, D)
+    gram = xc @ xc.transpose(1, 2)                                               # (B, K, K)
+    lin = (xc @ (y[:, :, None] - centre.transpose(1, 2)))[..., 0]                # (B, K)
+    step = 1.0 / torch.linalg.eigvalsh(gram)[:, -1:].clamp_min(1e-30)
+    k = neighbours.shape[1]
+    a = project_capped_simplex(torch.full_like(lin, 1.0 / k), cap)
+    z, t = a, 1.0
+    for _ in range(iterations):
+        grad = (gram @ z[..., None])[..., 0] - lin
+        a_next = project_capped_simplex(z - step * grad, cap)
+        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+        z = a_next + ((t - 1.0) / t_next) * (a_next - a)
+        a, t = a_next, t_next
+    return a
+
+
+def class_neighbour_count(reference: Any, labels: torch.Tensor | None, wanted: int) -> tuple[int, Any]:
+    """``(k, labels_for_search)``: how many neighbours a class-restricted search can return.
+
+    Restricts to each sample's class when both the reference and the call are labelled and every
+    class present holds at least 2 samples; otherwise searches the whole set.
+    """
+    if labels is None or getattr(reference, "labels", None) is None:
+        return min(wanted, len(reference)), None
+    present = torch.unique(labels.detach().cpu()).tolist()
+    smallest = min(int(reference.indices(int(c)).numel()) for c in present)
+    if smallest < 2:
+        return min(wanted, len(reference)), None
+    return min(wanted, smallest), labels.detach().cpu()
+
+
+@register_steerer
+class AttractorRepulsion:
+    """Slide samples that fall into a memorised training sample onto the ridge between samples.
+
+    See the module docstring for the formula. Reference-aware: the pipeline call needs
+    ``reference=ReferenceSet(...)`` in the pipeline's latent layout.
+
+    Args:
+        strength: target nearest-neighbour ratio d(NN₁)/d(NN₂) of the steered estimate
+            (each neighbour's weight is capped at ``1 / (1 + strength)``); 0 switches the steerer
+            off, 1 aims at midpoints between training samples; at most K − 1.
+        trigger: act when the model's x̂₀ has d(NN₁)/d(NN₂) below this (in (0, 1]); values above
+            1/3, the copy threshold, let through only estimates that pass the ratio test.
+        neighbours: K, the hull vertices (nearest reference samples of y = x_σ/(1 − σ)).
+
+    Telemetry (per sample, every step): ``active`` (1 where steered), ``ratio`` (x̂₀'s
+    d(NN₁)/d(NN₂) before steering), ``top1`` (posterior top-1 weight over the neighbours).
+
+    Sources: reference repellency (SPELL, arXiv 2410.06025; AMG, CVPR 2024), made
+    manifold-preserving with the ridge picture of arXiv 2602.06021 and triggered by the
+    oracle's refinement stage (arXiv 2512.02826).
+    """
+
+    name: ClassVar[str] = "attractor"
+    needs_reference: ClassVar[bool] = True
+
+    def __init__(self, strength: float = 1.0, trigger: float = 0.5, neighbours: int = 4) -> None:
+        self.strength = _check_strength(strength, "strength")
+        if isinstance(trigger, bool) or not isinstance(trigger, numbers.Real) or not (
+            math.isfinite(float(trigger)) and 0.0 < float(trigger) <= 1.0
+        ):
+            raise ValueError(
+                f"trigger must be a number in (0, 1] (a nearest-neighbour ratio), got {trigger!r}; "
+                f"e.g. trigger=0.5"
+            )
+        self.trigger = float(trigger)
+        if isinstance(neighbours, bool) or not isinstance(neighbours, numbers.Integral) or neighbours < 2:
+            raise ValueError(f"neighbours must be an int >= 2, got {neighbours!r}; e.g. neighbours=4")
+        self.neighbours = int(neighbours)
+        if self.strength > self.neighbours - 1:
+            raise ValueError(
+                f"strength {self.strength:g} needs more than {self.neighbours} neighbours (each "
+                f"weight is capped at 1/(1 + strength)); use strength <= {self.neighbours - 1} or "
+                f"raise neighbours to {math.ceil(self.strength) + 1}"
+            )
+
+    def __repr__(self) -> str:
+        return (f"AttractorRepulsion(strength={self.strength:g}, trigger={self.trigger:g}, "
+                f"neighbours={self.neighbours})")
+
+    def __call__(self, state: "StepState") -> SteeringOutput:
+        reference = state.reference
+        if reference is None:
+            raise ValueError(
+                "AttractorRepulsion needs a reference set: pass "
+                "reference=steersample.ReferenceSet(latents, labels) to the pipeline call"
+            )
+        batch = state.latents.shape[0]
+        sigma = float(state.sigma)
+        zeros = torch.zeros(batch, dtype=torch.float64)
+        if self.strength == 0.0 or sigma >= 1.0 - 1e-6 or sigma <= 0.0:
+            return SteeringOutput(state.pred, {"active": zeros, "ratio": zeros + math.nan,
+                                               "top1": zeros + math.nan})
+        layout = state.layout
+        x = layout.unpack(state.latents).detach().to("cpu", torch.float64)
+        x0_hat = layout.unpack(state.latents - sigma * state.pred).detach().to("cpu", torch.float64)
+        y = x / (1.0 - sigma)
+        noise = sigma / (1.0 - sigma)
+
+        k, search_labels = class_neighbour_count(reference, state.labels, self.neighbours)
+        if k < 2:
+            return SteeringOutput(state.pred, {"active": zeros, "ratio": zeros + math.nan,
+                                               "top1": zeros + math.nan})
+        # attractor test: x̂₀ sits next to one sample, d(NN₁)/d(NN₂) small
+        dist0, _ = reference.nearest(x0_hat.to(reference.latents.dtype), k=2, labels=search_labels)
+        dist0 = dist0.to("cpu", torch.float64)
+        ratio = torch.where(dist0[:, 1] > 0, dist0[:, 0] / dist0[:, 1].clamp_min(1e-300),
+                            torch.zeros_like(dist0[:, 0]))
+        # refinement test: oracle posterior of (x_σ, σ) over the K nearest samples of y,
+        # γ_k ∝ exp(−‖y − x⁽ᵏ⁾‖² / (2 (σ/(1 − σ))²))
+        dist, idx = reference.nearest(y.to(reference.latents.dtype), k=k, labels=search_labels)
+        dist = dist.to("cpu", torch.float64)
+        top1 = torch.softmax(-dist.square() / (2.0 * noise * noise), dim=1)[:, 0]
+        active = (top1 >= REFINEMENT_TOP1) & (ratio < self.trigger)
+        telemetry = {"active": active.to(torch.float64), "ratio": ratio, "top1": top1}
+        if not bool(active.any()):
+            return SteeringOutput(state.pred, telemetry)
+
+        # ridge step: project y onto the capped hull of its neighbours
+        rows = active.nonzero().flatten()
+        flat = reference.flat
+        verts = flat[idx[rows].flatten().to(flat.device)].to("cpu", torch.float64)
+        verts = verts.reshape(rows.numel(), k, -1)
+        cap = max(1.0 / (1.0 + self.strength), 1.0 / k)
+        weights = project_to_capped_hull(y[rows].flatten(1), verts, cap)
+        target = torch.einsum("bk,bkd->bd", weights, verts).reshape(x0_hat[rows].shape)
+
+        # v = (x_σ − x̂₀)/σ: moving x̂₀ by δ changes v by −δ/σ
+        delta = torch.zeros_like(x0_hat)
+        delta[rows] = (x0_hat[rows] - target) / sigma
+        delta = layout.pack(delta.to(device=state.pred.device, dtype=state.pred.dtype))
+        pred = state.pred.clone()
+        rows = rows.to(pred.device)
+        pred[rows] = pred[rows] + delta[rows]          # untouched rows keep v bit for bit
+        return SteeringOutput(pred, telemetry)

@@ -1,0 +1,190 @@
+"""AttractorRepulsion: capped-simplex and capped-hull projections against brute force, the
+per-sample trigger, bit-exact pass-through, bad input, and the steerer on a perfect memoriser
+(the empirical oracle of a digits subset) through the shared sampling loop."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from steersample.attractor import (AttractorRepulsion, project_capped_simplex,
+                                   project_to_capped_hull)
+from steersample.data import load_digits
+from steersample.guidance import GuidanceSchedule
+from steersample.metrics import nn_ratio
+from steersample.oracle import EmpiricalOracle
+from steersample.pipelines._common import per_run_scheduler
+from steersample.reference import ReferenceSet
+from steersample.sampling import Conditioning, LatentLayout, StepState, sample
+from steersample.steering import STEERERS, make_steerer, resolve_steering
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- projections
+@pytest.mark.parametrize("k,cap", [(3, 0.5), (4, 0.3), (5, 1.0), (2, 0.5)])
+def test_capped_simplex_projection_matches_brute_force(k, cap):
+    z = torch.randn(64, k, generator=gen(k), dtype=torch.float64) * 2
+    a = project_capped_simplex(z, cap)
+    assert torch.allclose(a.sum(1), torch.ones(64, dtype=torch.float64), atol=1e-12)
+    assert bool((a >= 0).all()) and bool((a <= cap + 1e-12).all())
+    # brute force: the optimal tau by dense bisection on sum(clip(z - tau, 0, cap)) = 1
+    lo, hi = (z.min(1, keepdim=True).values - cap), z.max(1, keepdim=True).values
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        s = (z - mid).clamp(0, cap).sum(1, keepdim=True)
+        lo, hi = torch.where(s > 1, mid, lo), torch.where(s > 1, hi, mid)
+    assert torch.allclose(a, (z - lo).clamp(0, cap), atol=1e-9)
+
+
+def test_capped_simplex_rejects_infeasible_cap():
+    with pytest.raises(ValueError, match="below 1/K"):
+        project_capped_simplex(torch.zeros(2, 3), 0.2)
+
+
+def test_capped_hull_projection_is_the_constrained_minimum():
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(0)
+    for trial in range(6):
+        k, d, cap = 4, 12, [0.5, 0.7, 1.0][trial % 3]
+        verts = rng.normal(size=(k, d)) + 3.0
+        y = verts.mean(0) + rng.normal(size=d) * 2.0
+        a = project_to_capped_hull(torch.tensor(y)[None], torch.tensor(verts)[None], cap)[0].numpy()
+        fun = lambda w: float(np.square(w @ verts - y).sum())  # noqa: E731
+        ref = minimize(fun, np.full(k, 1 / k), method="SLSQP", bounds=[(0, cap)] * k,
+                       constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
+                       options={"ftol": 1e-14, "maxiter": 500})
+        assert abs(a.sum() - 1) < 1e-9 and a.min() >= -1e-12 and a.max() <= cap + 1e-9
+        assert fun(a) <= ref.fun + 1e-6 * max(1.0, ref.fun)
+
+
+def test_hull_projection_keeps_points_inside_the_hull():
+    verts = torch.eye(3, dtype=torch.float64)[None]              # the triangle e1, e2, e3
+    inside = torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64)
+    a = project_to_capped_hull(inside, verts, 1.0)
+    assert torch.allclose(a, inside, atol=1e-6)
+    # capped at 0.4: the vertex e1 itself is pushed to the cap
+    a = project_to_capped_hull(torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64), verts, 0.4)
+    assert math.isclose(float(a[0, 0]), 0.4, abs_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("strength", [-0.1, float("nan"), float("inf")])
+def test_bad_strength(strength):
+    with pytest.raises(ValueError, match="strength must be a finite number >= 0"):
+        AttractorRepulsion(strength=strength)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="strength must be a real number"):
+        AttractorRepulsion(strength="high")
+    with pytest.raises(ValueError, match=r"trigger must be a number in \(0, 1\]"):
+        AttractorRepulsion(trigger=0.0)
+    with pytest.raises(ValueError, match=r"trigger must be a number in \(0, 1\]"):
+        AttractorRepulsion(trigger=float("nan"))
+    with pytest.raises(ValueError, match="neighbours must be an int >= 2"):
+        AttractorRepulsion(neighbours=1)
+    with pytest.raises(ValueError, match="strength 5 needs more than 4 neighbours"):
+        AttractorRepulsion(strength=5.0)
+
+
+def test_needs_a_reference():
+    with pytest.raises(ValueError, match="needs a reference set"):
+        resolve_steering([AttractorRepulsion()], reference=None)
+    with pytest.raises(ValueError, match="needs a reference set"):
+        AttractorRepulsion()(_state(torch.zeros(2, 4), torch.zeros(2, 4), 0.3, None))
+
+
+def test_registered():
+    assert STEERERS["attractor"] is AttractorRepulsion
+    steerer = make_steerer("attractor", strength=0.5, trigger=0.4)
+    assert (steerer.strength, steerer.trigger) == (0.5, 0.4)
+    assert "strength=0.5" in repr(steerer)
+
+
+# ----------------------------------------------------------------------------- single steps
+def _state(x, v, sigma, reference, labels=None):
+    return StepState(step=0, num_steps=10, sigma=sigma, sigma_next=max(sigma - 0.1, 0.0),
+                     timestep=torch.tensor(1000 * sigma), latents=x, pred=v, pred_cond=v,
+                     pred_uncond=None, guidance_scale=1.0,
+                     conditioning=Conditioning(cond={}, labels=labels),
+                     layout=LatentLayout(tuple(x.shape[1:])), reference=reference)
+
+
+def test_acts_only_on_samples_falling_into_an_attractor():
+    ref = ReferenceSet(torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0], [4.0, 4.0]]))
+    sigma = 0.1
+    # sample 0: x̂₀ on the sample (0, 0) and x_σ next to it -> steered
+    # sample 1: x̂₀ between (0, 0) and (4, 0) (ratio 1) -> untouched
+    x0 = torch.tensor([[0.05, 0.0], [2.0, 0.0]])
+    x = (1 - sigma) * x0
+    v = (x - x0) / sigma
+    out = AttractorRepulsion(strength=1.0)(_state(x, v, sigma, ref))
+    assert out.telemetry["active"].tolist() == [1.0, 0.0]
+    assert torch.equal(out.prediction[1], v[1])                       # bit for bit
+    new_x0 = x - sigma * out.prediction
+    assert float(nn_ratio(new_x0[:1], ref)[0]) > 1 / 3                 # no longer a copy
+    # strength 0 is the identity, bit for bit
+    assert torch.equal(AttractorRepulsion(strength=0.0)(_state(x, v, sigma, ref)).prediction, v)
+    # navigation stage (sigma near 1): the posterior is flat, nothing happens
+    flat = AttractorRepulsion()(_state(0.05 * x, v, 0.95, ref))
+    assert flat.telemetry["active"].tolist() == [0.0, 0.0]
+
+
+def test_strength_sets_the_ratio_between_two_samples():
+    ref = ReferenceSet(torch.tensor([[0.0, 0.0], [1.0, 0.0]]))
+    sigma = 0.05
+    x0 = torch.tensor([[0.0, 0.0]])
+    x = (1 - sigma) * x0
+    for strength in (0.5, 1.0):
+        out = AttractorRepulsion(strength=strength, neighbours=2)(_state(x, (x - x0) / sigma, sigma, ref))
+        new_x0 = x - sigma * out.prediction
+        assert math.isclose(float(nn_ratio(new_x0, ref)[0]), strength, rel_tol=1e-4)
+
+
+# ----------------------------------------------------------------------------- on a memoriser
+@pytest.fixture(scope="module")
+def digits_oracle():
+    images, labels = load_digits()
+    keep = torch.cat([(labels == c).nonzero().flatten()[:6] for c in (0, 4, 7)])
+    return ReferenceSet(images[keep], labels[keep])
+
+
+def _run(ref, steering, n=8, steps=12, seed=0):
+    oracle = EmpiricalOracle(ref)
+
+    def model_fn(x, t, cond, branch):
+        return oracle.velocity(x, float(t) / 1000.0, labels=cond["class_labels"])
+
+    labels = torch.tensor([0, 4, 7]).repeat_interleave(n)
+    noise = torch.randn(len(labels), 1, 8, 8, generator=gen(seed))
+    scheduler, _ = per_run_scheduler(FlowMatchEulerDiscreteScheduler(), steps, "cpu")
+    res = sample(model_fn, noise, scheduler, Conditioning(cond={"class_labels": labels}, labels=labels),
+                 GuidanceSchedule(), steering=steering, reference=ref, return_telemetry=True)
+    return res.latents, labels, res.telemetry
+
+
+def test_turns_every_copy_of_a_memoriser_into_a_novel_sample(digits_oracle):
+    ref = digits_oracle
+    plain, labels, _ = _run(ref, [])
+    steered, _, tel = _run(ref, [AttractorRepulsion()])
+    assert float((nn_ratio(plain, ref) < 1 / 3).double().mean()) == 1.0      # the oracle copies
+    ratio = nn_ratio(steered, ref)
+    assert float((ratio < 1 / 3).double().mean()) == 0.0
+    # on the hull of real samples: pixel values stay inside the reference range (no speckle)
+    lo, hi = ref.latents.min(), ref.latents.max()
+    assert float(steered.min()) >= float(lo) - 1e-4 and float(steered.max()) <= float(hi) + 1e-4
+    # diverse: samples of one attractor do not collapse onto one blend
+    pairwise, plain_pairwise = torch.pdist(steered.flatten(1)), torch.pdist(plain.flatten(1))
+    assert float((pairwise < 1e-3).double().mean()) < 0.25 * float((plain_pairwise < 1e-3).double().mean())
+    assert float(pairwise.mean()) > 0.5 * float(plain_pairwise.mean())
+    # it acted in refinement only: never at the first (pure-noise) step
+    active = torch.stack([s.scores["attractor.active"] for s in tel.steps])
+    assert float(active[0].sum()) == 0.0 and float(active[-1].mean()) == 1.0
