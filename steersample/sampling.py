@@ -193,7 +193,10 @@ def sample(
     stacked = None  # the batched [uncond, cond] keywords, built on first use
     progress = pipeline.progress_bar(total=num_steps) if pipeline is not None else None
 
-    with progress if progress is not None else contextlib.nullcontext() as bar:
+    with contextlib.ExitStack() as run_scope:
+        # 0. per-run steerer state (e.g. forward hooks on the model), released when the run ends
+        steering = tuple(_bind(steerer, pipeline, run_scope) for steerer in steering)
+        bar = run_scope.enter_context(progress) if progress is not None else None
         for i, t in enumerate(timesteps):
             if pipeline is not None and getattr(pipeline, "interrupt", False):
                 continue
@@ -254,6 +257,14 @@ def sample(
 
     telemetry = recorder.finish(latents) if recorder is not None else None
     return SampleResult(latents=latents, telemetry=telemetry)
+
+
+def _bind(steerer: Any, pipeline: Any, run_scope: contextlib.ExitStack) -> Any:
+    """The steerer this run uses: ``steerer.bind(pipeline)`` entered in ``run_scope`` when the
+    steerer has a ``bind`` method (a context manager yielding a per-run steerer, e.g. one that
+    hooks ``pipeline.transformer`` and unhooks on exit), else the steerer itself."""
+    bind = getattr(steerer, "bind", None)
+    return run_scope.enter_context(bind(pipeline)) if callable(bind) else steerer
 
 
 def _step_end_callback(callback, pipeline, i, t, latents, conditioning, names):
