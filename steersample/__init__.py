@@ -27,7 +27,7 @@ _EXPORTS: dict[str, str] = {
     "Telemetry": "steersample.telemetry",
     "load_default": "steersample.default",
     "AttractorRepulsion": "steersample.attractor",
-    "RepresentationSteering": "steersample.steering",
+    "RepresentationSteering": "steersample.representation",
     "NoSteering": "steersample.steering",
 }
 
