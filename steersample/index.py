@@ -113,7 +113,10 @@ class IndexSpec:
         pq_m: PQ sub-quantisers, bytes per vector at 8 bits (ivfpq).
         hnsw_m: graph degree (hnsw).
         nprobe / ef_search: search breadth; ``None`` = calibrate at build time.
-        rerank: candidates fetched per requested neighbour before exact re-ranking.
+        rerank: candidates per requested neighbour for exact re-ranking: ``k * rerank + 8``
+            (the 8 absorb float32 rounding among near-ties). 1 where the index stores the keys
+            themselves (its distances are exact but for rounding), more for PQ codes or when
+            the key is coarser than the latents.
     """
 
     kind: str
@@ -122,7 +125,7 @@ class IndexSpec:
     hnsw_m: int = 32
     nprobe: int | None = None
     ef_search: int | None = None
-    rerank: int = 4
+    rerank: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in ("flat", "hnsw", "ivf", "ivfpq"):
@@ -151,7 +154,7 @@ def choose_index(n: int, dim: int, kind: str = "auto") -> IndexSpec:
     nlist = max(1, min(nlist, n // 39))   # FAISS wants >= 39 training rows per list
     pq_m = next((m for m in (dim // 8, dim // 4, dim // 2, dim) if m >= 1 and dim % m == 0), dim)
     return IndexSpec(kind=kind, nlist=nlist if kind in ("ivf", "ivfpq") else None,
-                     pq_m=pq_m if kind == "ivfpq" else None, rerank=16 if kind == "ivfpq" else 4)
+                     pq_m=pq_m if kind == "ivfpq" else None, rerank=8 if kind == "ivfpq" else 1)
 
 
 # ----------------------------------------------------------------------------- the index
@@ -225,7 +228,7 @@ class ReferenceIndex:
     def calibrate(self, queries: np.ndarray, truth: np.ndarray, target_recall: float = 0.95) -> float:
         """Set nprobe / efSearch to the smallest power of two reaching ``target_recall``.
 
-        Recall is measured on the *candidates* (``k * spec.rerank`` per query) because exact
+        Recall is measured on the *candidates* (``k * spec.rerank + 8`` per query) because exact
         re-ranking follows: a true neighbour among the candidates is returned.
 
         Args:
@@ -254,8 +257,8 @@ class ReferenceIndex:
 
     # ----------------------------------------------------------------------------- search
     def search(self, keys: np.ndarray, k: int, *, ids: np.ndarray | None = None,
-               spec: IndexSpec | None = None, rerank: bool = True) -> np.ndarray:
-        """Candidate ids ``(B, k * spec.rerank)`` (or ``(B, k)`` with ``rerank=False``) for
+               spec: IndexSpec | None = None, candidates: bool = True) -> np.ndarray:
+        """Candidate ids ``(B, k * spec.rerank + 8)`` (``(B, k)`` with ``candidates=False``) for
         query keys ``(B, dim)``; ``ids`` restricts the search to those rows; ``-1`` pads when
         fewer candidates were reachable."""
         import faiss
@@ -264,7 +267,7 @@ class ReferenceIndex:
         keys = np.ascontiguousarray(keys, dtype=np.float32)
         if keys.ndim != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"query keys have shape {keys.shape}, the index expects (B, {self.dim})")
-        want = min(self.count, k * spec.rerank if rerank else k)
+        want = min(self.count, k * spec.rerank + 8 if candidates else k)
         if spec.kind in ("ivf", "ivfpq"):
             params = faiss.SearchParametersIVF(nprobe=spec.nprobe or max(1, spec.nlist // 16))
         elif spec.kind == "hnsw":

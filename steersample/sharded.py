@@ -5,7 +5,8 @@ live in RAM. Nearest neighbours (DESIGN.md contract: ``(B, k)`` true l2 distance
 and int64 indices) come from one of two paths:
 
 * **index** (``approximate=True``, or the default ``None`` once ``N > AUTO_INDEX_MIN`` and an
-  index is attached): the FAISS index proposes ``k * rerank`` candidates by *key* distance;
+  index is attached): the FAISS index proposes ``k * rerank + 8`` candidates by *key* distance
+  (``rerank`` is 4x larger for a pooled key than for the latents themselves);
 * **exact** (``approximate=False``): FAISS brute force over every shard (float32), ``2k + 8``
   candidates per query.
 
@@ -21,6 +22,7 @@ whole set (the exact oracle) pays that memory once. ``rows(idx)`` gathers rows w
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,7 @@ class ShardedReferenceSet(ReferenceSet):
         self._labels = torch.cat([s["labels"] for s in shards]) if manifest.labelled else None
         self._cache: dict[object, object] = {}
         self.key = manifest.key
+        self._dim = int(np.prod(manifest.sample_shape))
 
     @classmethod
     def open(cls, folder: str | os.PathLike, *, mmap: bool = True, verify: bool = False,
@@ -97,7 +100,7 @@ class ShardedReferenceSet(ReferenceSet):
 
     @property
     def dim(self) -> int:
-        return int(np.prod(self.sample_shape))
+        return self._dim
 
     @property
     def _latents(self) -> torch.Tensor:
@@ -111,12 +114,17 @@ class ShardedReferenceSet(ReferenceSet):
         """Flattened full latents of reference rows ``idx`` (any shape): ``(idx.numel(), D)``,
         gathered shard by shard from the memory maps (storage dtype, CPU)."""
         flat_idx = idx.reshape(-1).to("cpu", torch.int64)
+        if len(self._shards) == 1:
+            return self._shards[0]["latents"].reshape(-1, self.dim)[flat_idx]
+        # sort once, then one contiguous slice of the sorted ids per shard
+        order = torch.argsort(flat_idx)
+        ids = flat_idx[order]
+        bounds = torch.searchsorted(ids, self._offsets).tolist()
         out = torch.empty(flat_idx.numel(), self.dim, dtype=_TORCH_DTYPES[self.manifest.dtype])
-        shard = torch.searchsorted(self._offsets, flat_idx, right=True) - 1
-        for s in torch.unique(shard).tolist():
-            where = (shard == s).nonzero().flatten()
-            local = flat_idx[where] - self._offsets[s]
-            out[where] = self._shards[s]["latents"].reshape(-1, self.dim)[local]
+        for s, shard in enumerate(self._shards):
+            if bounds[s] < bounds[s + 1]:
+                part = slice(bounds[s], bounds[s + 1])
+                out[order[part]] = shard["latents"].reshape(-1, self.dim)[ids[part] - self._offsets[s]]
         return out
 
     def key_chunks(self) -> list[np.ndarray]:
@@ -145,6 +153,8 @@ class ShardedReferenceSet(ReferenceSet):
         calibrate its search breadth, attach it and (by default) save it beside the shards."""
         n, dk = len(self), self.manifest.key_dim
         spec = choose_index(n, dk, kind)
+        if self.key.pool > 1:  # key distances only bound the full ones from below: more candidates
+            spec = replace(spec, rerank=4 * spec.rerank)
         gen = torch.Generator().manual_seed(seed)
         train = None
         if spec.kind in ("ivf", "ivfpq"):
@@ -203,8 +213,6 @@ class ShardedReferenceSet(ReferenceSet):
 
     def _search_index(self, x: torch.Tensor, k: int, pool: torch.Tensor | None,
                       nprobe: int | None) -> torch.Tensor:
-        from dataclasses import replace
-
         spec = self.index.spec
         if nprobe is not None:
             spec = replace(spec, **{self.index._breadth_name(): check_positive_int(nprobe, "nprobe")})
