@@ -11,6 +11,8 @@ Kinds (:func:`choose_index`, FAISS ``index_factory`` strings; L2 metric througho
     N <= 300,000           "HNSW32,Flat"     graph search, no training, ~N·(4·Dk + 256) bytes
     N <= 20,000,000        "IVF{L},Flat"     L = 2^round(log2(4·sqrt(N))) lists, k-means on 64·L rows
     larger                 "IVF{L},PQ{m}"    m = Dk/8 sub-quantisers of 8 bits: m bytes per vector
+    (IVF kinds with L >= 65,536 find their lists through an HNSW graph over the centroids:
+     "IVF{L}_HNSW32,...")
 
 (Jégou et al., "Product quantization for nearest neighbor search", TPAMI 2011; Malkov & Yashunin,
 arXiv 1603.09320.) The search breadth (``nprobe`` lists for IVF, ``efSearch`` for HNSW) is
@@ -111,7 +113,9 @@ class IndexSpec:
         kind: ``"flat"``, ``"hnsw"``, ``"ivf"`` or ``"ivfpq"``.
         nlist: IVF lists (ivf, ivfpq).
         pq_m: PQ sub-quantisers, bytes per vector at 8 bits (ivfpq).
-        hnsw_m: graph degree (hnsw).
+        hnsw_m: graph degree (hnsw, and the coarse quantizer when ``coarse="hnsw"``).
+        coarse: how IVF kinds find their nearest lists: ``"flat"`` (exact, nlist·Dk flops per
+            query) or ``"hnsw"`` (a graph over the centroids, for nlist in the 1e5 range).
         nprobe / ef_search: search breadth; ``None`` = calibrate at build time.
         rerank: candidates per requested neighbour for exact re-ranking: ``k * rerank + 8``
             (the 8 absorb float32 rounding among near-ties). 1 where the index stores the keys
@@ -123,6 +127,7 @@ class IndexSpec:
     nlist: int | None = None
     pq_m: int | None = None
     hnsw_m: int = 32
+    coarse: str = "flat"
     nprobe: int | None = None
     ef_search: int | None = None
     rerank: int = 1
@@ -132,6 +137,8 @@ class IndexSpec:
             raise ValueError(f"index kind must be 'flat', 'hnsw', 'ivf' or 'ivfpq', got {self.kind!r}")
         if self.kind in ("ivf", "ivfpq") and not self.nlist:
             raise ValueError(f"kind {self.kind!r} needs nlist (number of IVF lists), got {self.nlist!r}")
+        if self.coarse not in ("flat", "hnsw"):
+            raise ValueError(f"coarse must be 'flat' or 'hnsw', got {self.coarse!r}")
         if self.kind == "ivfpq" and not self.pq_m:
             raise ValueError("kind 'ivfpq' needs pq_m (PQ sub-quantisers, a divisor of the key dimension)")
 
@@ -139,8 +146,9 @@ class IndexSpec:
         """The ``faiss.index_factory`` string."""
         if self.kind == "ivfpq" and dim % self.pq_m:
             raise ValueError(f"pq_m={self.pq_m} must divide the key dimension {dim}; pick a divisor")
-        return {"flat": "Flat", "hnsw": f"HNSW{self.hnsw_m},Flat", "ivf": f"IVF{self.nlist},Flat",
-                "ivfpq": f"IVF{self.nlist},PQ{self.pq_m}"}[self.kind]
+        ivf = f"IVF{self.nlist}" + (f"_HNSW{self.hnsw_m}" if self.coarse == "hnsw" else "")
+        return {"flat": "Flat", "hnsw": f"HNSW{self.hnsw_m},Flat", "ivf": f"{ivf},Flat",
+                "ivfpq": f"{ivf},PQ{self.pq_m}"}[self.kind]
 
 
 def choose_index(n: int, dim: int, kind: str = "auto") -> IndexSpec:
@@ -153,8 +161,10 @@ def choose_index(n: int, dim: int, kind: str = "auto") -> IndexSpec:
     nlist = int(2 ** round(math.log2(4 * math.sqrt(n))))
     nlist = max(1, min(nlist, n // 39))   # FAISS wants >= 39 training rows per list
     pq_m = next((m for m in (dim // 8, dim // 4, dim // 2, dim) if m >= 1 and dim % m == 0), dim)
-    return IndexSpec(kind=kind, nlist=nlist if kind in ("ivf", "ivfpq") else None,
-                     pq_m=pq_m if kind == "ivfpq" else None, rerank=8 if kind == "ivfpq" else 1)
+    ivf = kind in ("ivf", "ivfpq")
+    return IndexSpec(kind=kind, nlist=nlist if ivf else None, pq_m=pq_m if kind == "ivfpq" else None,
+                     coarse="hnsw" if ivf and nlist >= 65_536 else "flat",
+                     rerank=8 if kind == "ivfpq" else 1)
 
 
 # ----------------------------------------------------------------------------- the index

@@ -62,7 +62,7 @@ def test_choose_index_by_size():
     spec = choose_index(1_000_000, 256)
     assert spec.kind == "ivf" and spec.nlist == 4096 and spec.factory(256) == "IVF4096,Flat"
     big = choose_index(10**9, 256)
-    assert big.kind == "ivfpq" and big.pq_m == 32 and big.factory(256).startswith("IVF131072,PQ32")
+    assert big.kind == "ivfpq" and big.pq_m == 32 and big.factory(256) == "IVF131072_HNSW32,PQ32"
     with pytest.raises(ValueError, match="index kind"):
         IndexSpec(kind="lsh")
 
