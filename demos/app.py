@@ -75,7 +75,7 @@ def default_models() -> list[StudioModel]:
     return [StudioModel("default · digits", pipe, reference, "class", _class_names(info),
                         "embedded default: 8×8 digits; few training images of the rare "
                         "classes (it copies them), many of the frequent ones",
-                        default_class=min(info.rare_classes, default=0))]
+                        default_class=min(info.rare_classes, default=0), digits=True)]
 
 
 def _slider(name: str, **overrides: Any) -> gr.Slider:

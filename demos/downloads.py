@@ -38,6 +38,8 @@ def _arm_dict(arm: Any, scheduler_options: dict | None, steering: tuple) -> dict
         if arm.ratios is not None:
             entry.update(nearest_index=arm.nearest_indices[k], ratio=arm.ratios[k],
                          is_copy=arm.copies[k])
+        if arm.judge_labels is not None:
+            entry["judge_class"] = arm.judge_labels[k]
         samples.append(entry)
     return {
         "guidance": arm.guidance.to_dict(),

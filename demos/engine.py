@@ -45,6 +45,8 @@ class StudioModel:
         class_names: the label shown for each class id (class models).
         description: one line shown under the model menu.
         default_class: the class selected when the model is picked (default 0).
+        digits: samples are 8×8 digits in [-1, 1], so ``steersample.judge`` (a classifier
+            fitted on real digits) can say which digit each sample reads as.
     """
 
     name: str
@@ -54,6 +56,7 @@ class StudioModel:
     class_names: tuple[str, ...] = ()
     description: str = ""
     default_class: int | None = None
+    digits: bool = False
     _profiles: dict = field(default_factory=dict, repr=False, compare=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -133,7 +136,7 @@ def load_model_folder(path: str | Path, name: str | None = None) -> StudioModel:
         info = load_default_info(folder)
         return StudioModel(name, pipe, reference, "class", _class_names(info),
                            f"{folder.name}: class-conditional flow model and its training set",
-                           default_class=min(info.rare_classes, default=0))
+                           default_class=min(info.rare_classes, default=0), digits=True)
     if not (folder / "model_index.json").is_file():
         raise ValueError(f"--model {str(folder)!r} has no model_index.json; pass a diffusers "
                          "pipeline folder (pipe.save_pretrained(folder)) or a default-model folder")
@@ -193,6 +196,8 @@ class ArmResult:
         seconds: wall time of the pipeline call.
         guidance: the arm's ``GuidanceSchedule``.
         nearest_images: ``(B, H, W, C)`` nearest training image of each sample, or None.
+        judge_labels: the digit ``steersample.judge.classify`` reads in each sample, or None
+            (models that are not digits models).
     """
 
     name: str
@@ -203,6 +208,7 @@ class ArmResult:
     seconds: float
     guidance: Any
     nearest_images: np.ndarray | None
+    judge_labels: tuple[int, ...] | None = None
 
     @property
     def model_evals(self) -> int:
@@ -271,8 +277,13 @@ def _run_arm(name: str, model: StudioModel, request: StudioRequest, guidance: An
     if final is not None and hasattr(pipe, "decode"):
         index = final.nearest_index.to(model.reference.latents.device)
         nearest = pipe.decode(model.reference.latents[index].float(), "np")
+    judged = None
+    if model.digits and tuple(latents.shape[1:]) == (1, 8, 8):
+        from steersample.judge import classify
+
+        judged = tuple(int(c) for c in classify(latents.clamp(-1.0, 1.0).cpu()))
     return ArmResult(name, np.asarray(images, dtype=np.float32), latents.cpu(), seeds,
-                     out.telemetry, seconds, guidance, nearest)
+                     out.telemetry, seconds, guidance, nearest, judged)
 
 
 def run_comparison(model: StudioModel, request: StudioRequest) -> Comparison:

@@ -193,6 +193,11 @@ def arm_summary(arm: Any, comparison: Any) -> str:
     verdict = ("copies: n/a (no training set)" if copies is None else
                f"copies: **{sum(copies)}/{len(copies)}** (ratio < 1/3)")
     steps = comparison.request.steps
+    judged = ""
+    if arm.judge_labels is not None:
+        target = comparison.request.class_id
+        hits = sum(label == target for label in arm.judge_labels)
+        judged = f" · judge reads **{hits}/{len(arm.judge_labels)}** as a {target}"
     return (f"**{arm.name.capitalize()}**: {_describe(arm, comparison)}  \n"
             f"model evaluations: **{arm.model_evals}** in {steps} steps · "
-            f"time: **{arm.seconds:.2f} s** · {verdict}")
+            f"time: **{arm.seconds:.2f} s** · {verdict}{judged}")

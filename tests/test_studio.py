@@ -333,3 +333,21 @@ def test_python_demos_app_py_launches_the_default_and_binds_to_localhost():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_digits_models_get_the_judges_reading_of_every_sample():
+    from steersample.judge import classify
+    from steersample.studio.downloads import report_dict
+    from steersample.studio.engine import StudioModel
+    from steersample.studio.render import arm_summary
+    from steersample.testing import tiny_flow_pipeline
+
+    from _studio_fixtures import tiny_reference
+
+    digits = StudioModel(TINY, tiny_flow_pipeline(), tiny_reference(), digits=True)
+    result = run_comparison(digits, parse_request(FAST_REQUEST, models={TINY: digits}))
+    expected = classify(result.steered.latents.clamp(-1, 1)).tolist()
+    assert list(result.steered.judge_labels) == expected
+    assert [s["judge_class"] for s in report_dict(result)["steered"]["samples"]] == expected
+    hits = sum(c == FAST_REQUEST["class_id"] for c in expected)
+    assert f"judge reads **{hits}/2** as a 3" in arm_summary(result.steered, result)
