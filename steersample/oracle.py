@@ -115,7 +115,8 @@ class EmpiricalOracle:
 
     Args:
         reference: the reference set (what the oracle memorises).
-        chunk_size: reference rows per streamed chunk (default: about 4 MB of float32 rows).
+        chunk_size: reference rows per streamed chunk (default: 1/64 of the set, between
+            2^18 and 2^20 values, i.e. 1 to 4 MB of float32 rows).
         top_k: ``None`` for the exact oracle; an int K for FAISS top-K candidates with exact
             weights on them (see the module docstring for the bound on the dropped mass).
         max_dropped: in top-k mode, the largest dropped-mass bound accepted per query: K grows
@@ -136,8 +137,10 @@ class EmpiricalOracle:
                 f"wrap your latents: ReferenceSet(latents, labels)"
             )
         self.reference = reference
+        # default: 1/64 of the reference per chunk, between 2^18 and 2^20 elements
+        elements = min(_CHUNK_ELEMENTS, max(_CHUNK_ELEMENTS // 4, reference.flat.numel() // 64))
         self.chunk_size = (check_positive_int(chunk_size, "chunk_size") if chunk_size is not None
-                           else max(64, min(65536, _CHUNK_ELEMENTS // reference.dim)))
+                           else max(1, elements // reference.dim))
         self.top_k = None if top_k is None else check_positive_int(top_k, "top_k")
         if approximate and self.top_k is None:
             raise ValueError("approximate=True needs top-k mode; pass top_k=K as well")
@@ -316,27 +319,20 @@ class EmpiricalOracle:
         k = min(self.top_k, n)
         while pending.numel():
             a, s2 = 1.0 - s[pending], s[pending].square()
-            y = (q[pending] / a[:, None]).reshape(-1, *ref.sample_shape)
-            dist, idx = ref.nearest(y, k=k, labels=label, approximate=self.approximate,
-                                    nprobe=self.nprobe)
-            dist, idx = dist.to("cpu", torch.float64), idx.cpu()
-            # ||x - (1-s) x_i|| = (1-s) ||x/(1-s) - x_i||; every other sample is at least as far
-            logits = -0.5 * (a[:, None] * dist).square() / s2[:, None]
-            centred = logits - logits[:, :1]
-            p = torch.exp(centred)
-            S = p.sum(1)
-            bound = (n - k) * torch.exp(centred[:, -1]) / S if k < n else torch.zeros_like(S)
-            done = (bound <= self.max_dropped if self.max_dropped is not None
-                    else torch.ones(S.shape, dtype=torch.bool))
+            # ||x - (1-s) x_i|| = (1-s) ||x/(1-s) - x_i||: the K nearest of x/(1-s) weigh most
+            k_search = k if self.approximate else min(n, k + 8)   # spares for float32 ties
+            cand = ref._candidates(q[pending] / a[:, None], k_search, label, self.approximate,
+                                   self.nprobe)
+            best = _best_candidates(ref.flat, q[pending], a, s2, cand, k, n, want_mean)
+            done = (best.bound <= self.max_dropped if self.max_dropped is not None
+                    else torch.ones(best.bound.shape, dtype=torch.bool))
             rows = pending[done]
-            acc.m[rows], acc.S[rows] = logits[done, 0], S[done]
-            acc.Q[rows] = torch.einsum("bk,bk->b", p[done], p[done])
-            acc.H[rows] = torch.einsum("bk,bk->b", p[done], centred[done])
-            acc.best[rows] = idx[done, 0]
+            acc.m[rows], acc.S[rows], acc.Q[rows] = best.m[done], best.S[done], best.Q[done]
+            acc.H[rows], acc.best[rows] = best.H[done], best.best[done]
             acc.n_drop[rows] = float(n - k)
-            acc.drop_max[rows] = logits[done, -1] if k < n else -math.inf
-            if want_mean and rows.numel():
-                acc.A[rows] = _weighted_rows(ref.flat, idx[done], p[done])
+            acc.drop_max[rows] = best.drop_max[done]
+            if want_mean:
+                acc.A[rows] = best.A[done]
             pending = pending[~done]
             k = min(4 * k, n)
             if pending.numel() and 8 * k > n:  # too spread for top-k: exact pass
@@ -349,6 +345,62 @@ class EmpiricalOracle:
             if want_mean:
                 acc.A[exact] = sub.A
         return acc
+
+
+@dataclass
+class _TopK:
+    """Exact statistics of the K heaviest candidates per query (fields as in ``_Acc``)."""
+
+    m: torch.Tensor
+    S: torch.Tensor
+    Q: torch.Tensor
+    H: torch.Tensor
+    A: torch.Tensor | None
+    best: torch.Tensor
+    drop_max: torch.Tensor
+    bound: torch.Tensor      # dropped-mass bound (n - k) e^{l_K - l_1} / S
+
+
+def _best_candidates(flat: torch.Tensor, q: torch.Tensor, a: torch.Tensor, s2: torch.Tensor,
+                     cand: torch.Tensor, k: int, n: int, want_mean: bool) -> _TopK:
+    """Exact float64 weights on each query's candidates ``cand`` (B, K'), keeping the best k.
+
+    l_j = -||x - a x_j||^2 / (2 s^2) from differences (cdist of x/a and x_j, times a), one
+    gather of the candidate rows per query, reused for the weighted sum.
+    """
+    b, dim = q.shape
+    out = _TopK(*(torch.empty(b, dtype=torch.float64) for _ in range(4)),
+                A=torch.empty(b, dim, dtype=torch.float64) if want_mean else None,
+                best=torch.empty(b, dtype=torch.int64),
+                drop_max=torch.empty(b, dtype=torch.float64), bound=torch.empty(b, dtype=torch.float64))
+    for j in range(b):
+        if cand.shape[1] * dim > 4 * _GATHER_ELEMENTS:   # large K: blocked, two gathers
+            logits = torch.cat([_logits_rows(flat, q[j], a[j], s2[j], part)
+                                for part in torch.split(cand[j], max(1, _GATHER_ELEMENTS // dim))])
+            rows = None
+        else:
+            rows = flat[cand[j].to(flat.device)].to("cpu", torch.float64)
+            dist = torch.cdist(q[j:j + 1] / a[j], rows, compute_mode="donot_use_mm_for_euclid_dist")[0]
+            logits = -0.5 * (a[j] * dist).square() / s2[j]
+        logits, order = torch.sort(logits, descending=True)
+        logits, order = logits[:k], order[:k]
+        centred = logits - logits[0]
+        p = torch.exp(centred)
+        out.m[j], out.S[j], out.Q[j], out.H[j] = logits[0], p.sum(), p @ p, p @ centred
+        out.best[j] = cand[j, order[0]]
+        out.drop_max[j] = logits[-1] if k < n else -math.inf
+        out.bound[j] = (n - k) * torch.exp(centred[-1]) / out.S[j] if k < n else 0.0
+        if want_mean:
+            out.A[j] = (p @ rows[order] if rows is not None
+                        else _weighted_rows(flat, cand[j, order][None], p[None])[0])
+    return out
+
+
+def _logits_rows(flat: torch.Tensor, x: torch.Tensor, a: torch.Tensor, s2: torch.Tensor,
+                 idx: torch.Tensor) -> torch.Tensor:
+    rows = flat[idx.to(flat.device)].to("cpu", torch.float64)
+    dist = torch.cdist(x[None] / a, rows, compute_mode="donot_use_mm_for_euclid_dist")[0]
+    return -0.5 * (a * dist).square() / s2
 
 
 def _weighted_rows(flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -6,11 +6,12 @@ A reference set is what the empirical oracle memorises and what copy tests compa
     dist, idx = ref.nearest(x, k=2)            # (B, k) true l2 distances (ascending), (B, k) indices
 
 Nearest neighbours go through FAISS: an exact brute-force search (``faiss.knn``, no copy of a
-float32 reference) by default, or an inverted-file index (``faiss.IndexIVFFlat``, built once on
-first use, approximate) with ``approximate=True``. FAISS ranks with float32 squared distances,
-which cancel for near-duplicates, so ``nearest`` asks FAISS for a few extra candidates and
-re-ranks them by distances recomputed in float64 from the differences: the returned distances
-are true l2 distances (not squared), accurate to float64 rounding.
+float32 reference) by default, or, with ``approximate=True``, an inverted-file index
+(``faiss.IndexIVFFlat``) over a PCA projection, built once on first use (:meth:`build_ivf`).
+FAISS ranks with float32 squared distances, which cancel for near-duplicates, so ``nearest``
+asks FAISS for a few extra candidates and re-ranks them by distances recomputed in float64 from
+the differences: the returned distances are true l2 distances (not squared), accurate to
+float64 rounding.
 
 Files are safetensors with the keys ``"latents"`` and, when labelled, ``"labels"``; the metadata
 records a format tag and the SHA-256 of the tensor bytes, checked on load.
@@ -19,7 +20,6 @@ records a format tag and the SHA-256 of the tensor bytes, checked on load.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from pathlib import Path
 
@@ -196,7 +196,7 @@ class ReferenceSet:
             x: ``(B, *shape)`` queries.
             k: neighbours per query (at most the number of candidates).
             labels: ``None``, an int, or ``(B,)`` ints: restrict query b to samples of its label.
-            approximate: search the IVF index (built on first use) instead of exact search.
+            approximate: search the approximate index (:meth:`build_ivf`, built on first use).
             nprobe: IVF lists visited per query (default: the index's setting).
 
         Returns:
@@ -223,29 +223,33 @@ class ReferenceSet:
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         return out_dist.to(device=x.device, dtype=dtype), out_idx.to(x.device)
 
-    def build_ivf(self, nlist: int | None = None, train_size: int | None = None,
-                  nprobe: int | None = None, seed: int = 0) -> None:
-        """Build (or rebuild) the approximate ``faiss.IndexIVFFlat`` used by ``approximate=True``.
+    def build_ivf(self, nlist: int | None = None, nprobe: int | None = None, *,
+                  pca_dim: int | None = None, train_size: int | None = None, seed: int = 0) -> None:
+        """Build (or rebuild) the approximate index that ``approximate=True`` searches.
 
-        Defaults: ``nlist = round(sqrt(N))`` lists, k-means trained on ``min(N, 64 * nlist)``
-        samples drawn with ``seed``, ``nprobe = max(1, nlist // 16)``. The index stores its own
-        float32 copy of the latents (memory: N * D * 4 bytes).
+        A FAISS ``IndexIVFFlat`` over a PCA projection of the latents (``steersample._index``).
+        Defaults: ``pca_dim = min(D, 128)``, ``nlist = round(sqrt(N))``, ``nprobe =
+        max(1, nlist // 8)``, projection and lists trained on ``min(N, max(64 * nlist, 20000))``
+        samples drawn with ``seed``. Memory: about N * pca_dim * 4 bytes.
         """
-        import faiss
+        from steersample._index import ApproximateIndex, default_nlist
 
         n = len(self)
-        nlist = check_positive_int(nlist, "nlist") if nlist is not None else max(1, round(math.sqrt(n)))
-        nlist = min(nlist, n)
-        train_size = min(n, train_size if train_size is not None else 64 * nlist)
-        data = self._faiss_matrix(torch.arange(n))
-        pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:train_size]
-        quantizer = faiss.IndexFlatL2(self.dim)
-        index = faiss.IndexIVFFlat(quantizer, self.dim, nlist)
-        index.cp.seed = seed
-        index.train(np.ascontiguousarray(data[np.sort(pick.numpy())]))
-        index.add(data)
-        index.nprobe = check_positive_int(nprobe, "nprobe") if nprobe is not None else max(1, nlist // 16)
-        self._cache["ivf"] = (index, quantizer)
+        nlist = min(n, check_positive_int(nlist, "nlist")) if nlist is not None else default_nlist(n)
+        nprobe = check_positive_int(nprobe, "nprobe") if nprobe is not None else max(1, nlist // 8)
+        pca_dim = check_positive_int(pca_dim, "pca_dim") if pca_dim is not None else 128
+        train_size = min(n, check_positive_int(train_size, "train_size") if train_size is not None
+                         else max(64 * nlist, 20000))
+        self._cache["ivf"] = ApproximateIndex.build(
+            self.flat, pca_dim=min(pca_dim, self.dim), nlist=nlist, nprobe=nprobe,
+            train_size=train_size, seed=seed)
+
+    @property
+    def approximate_index(self):
+        """The approximate index (built on first use), an ``ApproximateIndex``."""
+        if "ivf" not in self._cache:
+            self.build_ivf()
+        return self._cache["ivf"]
 
     # ----------------------------------------------------------------------------- internals
     def _check_queries(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
@@ -269,23 +273,20 @@ class ReferenceSet:
 
     def _search_ivf(self, q: torch.Tensor, k: int, label: int | None,
                     nprobe: int | None) -> torch.Tensor:
-        import faiss
-
-        if "ivf" not in self._cache:
-            self.build_ivf()
-        index, _ = self._cache["ivf"]  # type: ignore[misc]
-        params = faiss.SearchParametersIVF(nprobe=check_positive_int(nprobe, "nprobe")
-                                           if nprobe is not None else index.nprobe)
-        if label is not None:
-            selector = faiss.IDSelectorBatch(self.indices(label).numpy().astype(np.int64))
-            params.sel = selector
-        xq = np.ascontiguousarray(q.detach().to("cpu", torch.float32).numpy())
-        _, idx = index.search(xq, k, params=params)
-        idx = torch.from_numpy(idx)
+        index = self.approximate_index
+        ids = None if label is None else self.indices(label).numpy()
+        idx = index.search(q, k, ids, check_positive_int(nprobe, "nprobe") if nprobe is not None else None)
         short = (idx < 0).any(1)
         if bool(short.any()):  # probed lists held fewer than k candidates: exact search instead
             idx[short] = self._search_flat(q[short], k, label, self.indices(label))
         return idx
+
+    def _candidates(self, q: torch.Tensor, k: int, label: int | None, approximate: bool,
+                    nprobe: int | None = None) -> torch.Tensor:
+        """``(B, k)`` candidate indices for flat queries ``q`` (B, D), unsorted, not re-ranked."""
+        if approximate:
+            return self._search_ivf(q, k, label, nprobe)
+        return self._search_flat(q, k, label, self.indices(label))
 
     def _rerank(self, q: torch.Tensor, cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Recompute candidate distances in float64 from differences; keep the k closest."""

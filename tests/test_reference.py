@@ -136,13 +136,26 @@ def test_nearest_approximate_index(labelled):
     latents, labels = labelled
     ref = ss.ReferenceSet(latents, labels)
     x = latents[:20] + 0.01 * torch.randn(20, 3, 4, 4, generator=torch.Generator().manual_seed(2))
-    ref.build_ivf(nlist=8, nprobe=8)              # probing every list: exact
+    ref.build_ivf(nlist=5, nprobe=5)              # probing every list: exact
     dist, idx = ref.nearest(x, k=3, approximate=True)
     assert torch.equal(idx, brute_nearest(latents, x, 3)[1])
     dist, idx = ref.nearest(x, k=2, labels=1, approximate=True, nprobe=8)
     assert torch.equal(idx, brute_nearest(latents, x, 2, labels, 1)[1])
     _, idx = ref.nearest(x, k=1, approximate=True, nprobe=1)  # few lists: still finds these
     assert float((idx[:, 0] == torch.arange(20)).double().mean()) >= 0.9
+
+
+def test_nearest_approximate_with_pca_projection():
+    g = torch.Generator().manual_seed(4)
+    low_rank = torch.randn(300, 6, generator=g) @ torch.randn(6, 40, generator=g)
+    latents = low_rank + 0.01 * torch.randn(300, 40, generator=g)
+    ref = ss.ReferenceSet(latents)
+    ref.build_ivf(nlist=4, nprobe=4, pca_dim=8)   # 8 of 40 directions, every list probed
+    assert ref.approximate_index.basis.shape == (40, 8)
+    x = latents[:25] + 0.05 * torch.randn(25, 40, generator=g)
+    dist, idx = ref.nearest(x, k=3, approximate=True)
+    bd, bi = brute_nearest(latents, x, 3)
+    assert torch.equal(idx, bi) and torch.allclose(dist.double(), bd, rtol=1e-6)
 
 
 def test_nearest_bad_inputs(labelled):
