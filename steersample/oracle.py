@@ -13,40 +13,48 @@ oracle). At s = 1 every l_i is equal: the posterior is uniform and x̂₀* is th
 
 Numerics (the policy for this module, stated once)
 --------------------------------------------------
-*Fast pass.* The reference is streamed in chunks of ``chunk_size`` rows. For each chunk one
-matmul in the reference's precision (float32 for a float32 reference) gives x·x_i, and
+*Selection scores.* The reference is streamed in chunks of ``chunk_size`` rows. One matmul per
+chunk (float32 for a float32 reference) gives x·x_i, and in float64
 
-    ŝ_i = ((1 - s) x·x_i - (1 - s)^2 ||x_i||^2 / 2) / s^2      (float64; ||x_i||^2 cached in float64)
+    ŝ_i = ((1 - s) x·x_i - (1 - s)^2 ||x_i||^2 / 2) / s^2          (||x_i||^2 cached in float64)
 
 equals l_i + ||x||^2/(2 s^2), a constant per query, so it ranks the softmax correctly. The
-expansion cancels: the rounding error of the dot product, at most γ_{D+2}·||x||·||x_i|| with
-γ_n = n·u/(1 - n·u) (u the unit roundoff), is multiplied by (1 - s)/s^2. So each query gets a
-rigorous bound E = 1.01 · (1 - s)/s^2 · γ_{D+2} · ||x|| · max_i ||x_i|| (plus float64 terms), and
-ŝ is used only to *select* candidates: sample i is a candidate when ŝ_i >= max_j ŝ_j - T with
+expansion cancels: the dot product errs by at most γ_{D+3}·||x||·||x_i||, γ_n = n·u/(1 - n·u)
+(u the unit roundoff; Higham §3.1), and the error is multiplied by (1 - s)/s^2. Each query gets
+a rigorous bound E (``_oracle_math._error_bounds``), and ŝ only *selects*: sample i is kept for
+query x when ŝ_i >= max_j ŝ_j - T, with
 
-    T = 2E + ln(N / δ),   δ = ``drop_tolerance`` (default 1e-12).
+    T = 2E + ln(N / δ),   δ = ``drop_tolerance`` (default 1e-12),
 
-Every non-candidate has l_i - max_j l_j < -ln(N/δ), so all of them together carry less than δ
-of the posterior mass. The running maximum only grows, so a sample dropped early stays droppable.
+so all samples left out carry less than δ of the posterior mass together. The running maximum
+only grows, so a sample left out early stays negligible.
 
-*Exact pass.* Candidates (the union over the batch, or the whole chunk when more than half of it
-qualifies) are re-scored in float64: by the float64 expansion (without the constant ||x||^2)
-when its own bound γ_{D+3}·(2(1 - s)||x|| max ||x_i|| + (1 - s)^2 max ||x_i||^2) / (2 s^2) is below
-1e-9 nats, otherwise from the differences x - (1 - s) x_i directly (no cancellation). One method
-per query for the whole pass, so its log-weights share one constant. These exact log-weights feed a streaming
-("online") log-sum-exp: running max m, S = Σ e^{l - m}, Q = Σ e^{2(l - m)}, H = Σ e^{l - m}(l - m)
-and A = Σ e^{l - m} x_i (float64), rescaled whenever m grows. Memory is O(B × chunk_size) plus one
-chunk of the reference, whatever N is. Each query reports ``dropped_mass``, a rigorous upper
-bound on the mass it did not compute (≤ δ in exact mode).
+*Exact log-weights.* Kept samples are re-scored in float64: by the float64 expansion when its
+own rigorous bound is below 1e-9 nats, otherwise from the differences x - (1 - s) x_i (no
+cancellation); one method per query for the whole pass. A query keeping more than 1/8 of a chunk
+is scored on the whole chunk (dense, matmuls), otherwise on its kept (query, sample) pairs only
+(sparse, gathers). When every query in the batch may use the float64 expansion (high σ), the
+float64 scores are exact themselves and the float32 selection matmul is skipped: from the start
+for float64 or small (≤ 2^23 values, cached float64 copy) references, else from the first dense
+chunk on. The exact log-weights feed a streaming log-sum-exp: running max m, S = Σ e^{l - m},
+Q = Σ e^{2(l - m)}, H = Σ e^{l - m}(l - m), A = Σ e^{l - m} x_i (float64), rescaled whenever m
+grows; then top1 = 1/S, entropy = ln S - H/S, effective_count = S^2/Q, x̂₀* = A/S. Memory is
+O(B × chunk_size) plus one chunk of the reference in float64, whatever N is. Each query reports
+``dropped_mass``, a rigorous upper bound on the posterior mass it did not compute (≤ δ here).
 
-*Top-k mode* (``top_k=K``). Since ||x - (1 - s) x_i|| = (1 - s)·||x/(1 - s) - x_i||, the K nearest
-neighbours of x/(1 - s) under FAISS (``ReferenceSet.nearest``) are the K heaviest samples. Their
-weights are exact (float64 distances). Every other sample is at least as far as the K-th
+*Top-k mode* (``top_k=K``). Since ||x - (1 - s) x_i|| = (1 - s)·||x/(1 - s) - x_i||, the K
+nearest neighbours of x/(1 - s) are the K heaviest samples. FAISS finds them (exactly, or with
+``approximate=True`` through the IVF index over a PCA projection of ``ReferenceSet.build_ivf``);
+their weights are exact (float64 differences). Every other sample is at least as far as the K-th
 candidate d_K, so the dropped mass relative to the computed mass is at most
-(N - K)·exp(-(1 - s)^2 (d_K^2 - d_1^2) / (2 s^2)) / S (``dropped_mass``). The bound holds when
-FAISS returns the true K nearest (exact index); with ``approximate=True`` it is an estimate. At
-s = 1 every weight is equal and top-k would drop (N - K)/N of the mass, so those queries use the
-exact pass.
+
+    (N - K)·exp(-(1 - s)^2 (d_K^2 - d_1^2) / (2 s^2)) / S                 (``dropped_mass``)
+
+With ``max_dropped`` (default 1e-4) K grows 4x for the queries whose bound exceeds it; queries
+that would need K > N/8 take the exact pass, as do queries at s = 1 (uniform weights). The bound
+holds when FAISS returns the true K nearest (exact search); with ``approximate=True`` it is an
+estimate, and near σ*, where the posterior is spread and the query is mostly noise, the
+approximate search can miss heavy samples (see ``benchmarks/oracle.py``).
 """
 
 from __future__ import annotations
