@@ -232,3 +232,30 @@ def test_bad_inputs():
         ss.EmpiricalOracle(torch.randn(5, 3))
     with pytest.raises(ValueError, match="top_k"):
         ss.EmpiricalOracle(ref, approximate=True)
+
+
+def test_top_k_with_labels_matches_the_class_oracle():
+    latents, labels, x = clustered(0.3, dim=32, members=25)
+    ref = ss.ReferenceSet(latents, labels)
+    query_labels = torch.tensor([0, 1, 2, 3, 1, 2])
+    out = ss.EmpiricalOracle(ref, top_k=25, max_dropped=None).evaluate(x.double(), 0.3, labels=query_labels)
+    approx = ss.EmpiricalOracle(ref, top_k=25, max_dropped=None, approximate=True, nprobe=10)
+    _, x0, _ = brute_force(latents, x, 0.3, labels, query_labels)
+    assert rel(out.denoised, x0) < 1e-9 and float(out.posterior.dropped_mass.max()) == 0.0
+    assert rel(approx.denoise(x.double(), 0.3, labels=query_labels), x0) < 1e-9
+    assert torch.equal(labels[out.posterior.index], query_labels)
+
+
+def test_posterior_is_a_frozen_dataclass_and_evaluate_agrees():
+    import dataclasses
+
+    latents, _, x = clustered(0.5, dim=16, members=10)
+    oracle = ss.EmpiricalOracle(ss.ReferenceSet(latents))
+    post = oracle.posterior(x, 0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        post.top1 = None
+    assert [f.name for f in dataclasses.fields(post)][:4] == ["top1", "index", "entropy", "effective_count"]
+    assert all(getattr(post, f).shape == (6,) for f in ("top1", "index", "entropy", "effective_count"))
+    out = oracle.evaluate(x, 0.5)
+    assert torch.equal(out.posterior.index, post.index) and torch.equal(out.posterior.top1, post.top1)
+    assert torch.equal(out.denoised, oracle.denoise(x, 0.5)) and torch.equal(out.velocity, oracle.velocity(x, 0.5))
