@@ -35,7 +35,7 @@ cancellation); one method per query for the whole pass. A query keeping more tha
 is scored on the whole chunk (dense, matmuls), otherwise on its kept (query, sample) pairs only
 (sparse, gathers). When every query in the batch may use the float64 expansion (high σ), the
 float64 scores are exact themselves and the float32 selection matmul is skipped: from the start
-for float64 or small (≤ 2^23 values, cached float64 copy) references, else from the first dense
+for float64 or small (≤ 2^20 values, cached float64 copy) references, else from the first dense
 chunk on. The exact log-weights feed a streaming log-sum-exp: running max m, S = Σ e^{l - m},
 Q = Σ e^{2(l - m)}, H = Σ e^{l - m}(l - m), A = Σ e^{l - m} x_i (float64), rescaled whenever m
 grows; then top1 = 1/S, entropy = ln S - H/S, effective_count = S^2/Q, x̂₀* = A/S. Memory is
@@ -73,7 +73,7 @@ __all__ = ["EmpiricalOracle", "Posterior", "OracleOutput"]
 
 _CHUNK_ELEMENTS = 1 << 20       # default chunk: about 4 MB of float32 reference rows
 _SCORE_ELEMENTS = 1 << 21       # queries x chunk scores per block (float64: 16 MB)
-_FLOAT64_COPY_ELEMENTS = 1 << 23  # references up to this size keep a cached float64 copy
+_FLOAT64_COPY_ELEMENTS = 1 << 20  # references up to this size keep a cached float64 copy (8 MB)
 
 
 @dataclass(frozen=True)
