@@ -189,27 +189,39 @@ class ShardedReferenceSet(ReferenceSet):
         x = self._check_queries(x)
         k = check_positive_int(k, "k")
         lab = check_labels(labels, x.shape[0], self.classes)
+        q = x.detach().reshape(x.shape[0], -1).to("cpu")
+        out_dist = torch.empty(x.shape[0], k, dtype=torch.float64)
+        out_idx = torch.empty(x.shape[0], k, dtype=torch.int64)
+        for label, rows in _groups(lab, x.shape[0]):
+            size = len(self) if label is None else self.indices(label).numel()
+            if k > size:
+                where = "the reference set" if label is None else f"class {label}"
+                raise ValueError(f"k={k} exceeds the {size} samples in {where}; use k <= {size}")
+            # exact search: 2k + 8 float32 candidates absorb rounding among near-ties
+            cand = self._candidates(q[rows], k, label, approximate, nprobe, spare=min(size, 2 * k + 8))
+            out_dist[rows], out_idx[rows] = self._rerank_rows(q[rows], cand, k)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return out_dist.to(device=x.device, dtype=dtype), out_idx.to(x.device)
+
+    def _candidates(self, q: torch.Tensor, k: int, label: int | None, approximate: bool | None,
+                    nprobe: int | None = None, spare: int | None = None) -> torch.Tensor:
+        """``(B, >= k)`` candidate ids for flat queries ``q`` ``(B, D)``, not re-ranked, no ``-1``
+        (the ``ReferenceSet`` hook the top-k oracle calls). ``approximate``: the index
+        (``None``: when attached and ``N > AUTO_INDEX_MIN``); else exact FAISS search for
+        ``spare`` (default k) candidates."""
+        pool = None if label is None else self.indices(label)
         use_index = (self.index is not None and len(self) > AUTO_INDEX_MIN) if approximate is None \
             else bool(approximate)
         if use_index and self.index is None:
             raise ValueError(f"{self.folder} has no index; build one with ref.build_index() or "
                              f"`steersample index build {self.folder} --reindex`, or pass approximate=False")
-        q = x.detach().reshape(x.shape[0], -1).to("cpu")
-        out_dist = torch.empty(x.shape[0], k, dtype=torch.float64)
-        out_idx = torch.empty(x.shape[0], k, dtype=torch.int64)
-        for label, rows in _groups(lab, x.shape[0]):
-            pool = None if label is None else self.indices(label)
-            size = len(self) if pool is None else pool.numel()
-            if k > size:
-                where = "the reference set" if label is None else f"class {label}"
-                raise ValueError(f"k={k} exceeds the {size} samples in {where}; use k <= {size}")
-            cand = self._search_index(x[rows], k, pool, nprobe) if use_index else None
-            if cand is None or bool((cand < 0).sum(1).gt(cand.shape[1] - k).any()):
-                exact = self._search_exact(q[rows], min(size, 2 * k + 8), pool)
-                cand = exact if cand is None else _fill_short(cand, exact, k)
-            out_dist[rows], out_idx[rows] = self._rerank_rows(q[rows], cand, k)
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return out_dist.to(device=x.device, dtype=dtype), out_idx.to(x.device)
+        cand = self._search_index(q.reshape(q.shape[0], *self.sample_shape), k, pool, nprobe) \
+            if use_index else None
+        if cand is None or bool(((cand >= 0).sum(1) < k).any()):
+            exact = self._search_exact(q.cpu(), max(k, spare or k), pool)
+            cand = exact if cand is None else _fill_short(cand, exact, k)
+        width = int((cand >= 0).sum(1).min())   # FAISS pads with -1 at the end of a row
+        return cand[:, :width]
 
     def _search_index(self, x: torch.Tensor, k: int, pool: torch.Tensor | None,
                       nprobe: int | None) -> torch.Tensor:
