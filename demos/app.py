@@ -39,10 +39,10 @@ __all__ = ["build_app", "main", "default_models", "CSS"]
 log = logging.getLogger("steersample.studio")
 
 CSS = """
-#gallery-plain img, #gallery-steered img { image-rendering: pixelated; }
 #gallery-plain .thumbnail-item .caption-label,
 #gallery-steered .thumbnail-item .caption-label { display: none; }  /* the tile says it */
-.arm-title { text-align: center; }
+#gallery-plain .grid-wrap.fixed-height,
+#gallery-steered .grid-wrap.fixed-height { min-height: 240px; }  /* no blank band below */
 #studio-header p { margin-top: 0; }
 """
 
@@ -162,26 +162,29 @@ def build_app(pipe: Any = None, reference: Any = None, *, name: str = "default",
         gr.Markdown(
             "# steersample studio\n"
             "Same seeds, two samplers: **plain** (constant CFG, the model's schedule) against "
-            "**steered** (guidance window in σ, shift or phase-aware schedule, steering). Under "
-            "each sample: its nearest training image, the ratio d(NN1)/d(NN2) and a copy badge "
-            "(ratio < 1/3).", elem_id="studio-header")
+            "**steered** (guidance window in σ, shift or phase-aware schedule, steering); sample "
+            "k uses seed + k on both sides. Beside each sample: its nearest training image, the "
+            "ratio d(NN1)/d(NN2) and a copy badge (ratio < 1/3).", elem_id="studio-header")
         with gr.Row():
-            with gr.Column(scale=1, min_width=340):
-                model = gr.Dropdown(list(served), value=first.name, label="Model")
+            with gr.Column(scale=2, min_width=440):
+                with gr.Row():
+                    model = gr.Dropdown(list(served), value=first.name, label="Model")
+                    first_choices = [(n, c) for c, n in enumerate(first.class_names)]
+                    class_id = gr.Dropdown(first_choices, value=first.default_class,
+                                           label="Class", visible=first.kind == "class",
+                                           elem_id="class")
+                    prompt = gr.Textbox(label="Prompt", visible=first.kind == "prompt",
+                                        max_lines=2)
                 model_info = gr.Markdown(first.description)
-                first_choices = [(n, c) for c, n in enumerate(first.class_names)]
-                class_id = gr.Dropdown(first_choices, value=first.default_class, label="Class",
-                                       visible=first.kind == "class", elem_id="class")
-                prompt = gr.Textbox(label="Prompt", visible=first.kind == "prompt", max_lines=2)
                 with gr.Row():
                     seed = gr.Number(value=LIMITS["seed"].default, precision=0, label="Seed",
                                      minimum=LIMITS["seed"].minimum,
-                                     maximum=LIMITS["seed"].maximum, info=LIMITS["seed"].info)
-                    num_samples = _slider("num_samples", elem_id="num-samples")
-                steps = _slider("steps", elem_id="steps")
+                                     maximum=LIMITS["seed"].maximum, min_width=120)
+                    num_samples = _slider("num_samples", elem_id="num-samples", min_width=120)
+                    steps = _slider("steps", elem_id="steps", min_width=120)
                 gr.Markdown("**Presets** (set the steered side)")
                 with gr.Row():
-                    preset_buttons = {p: gr.Button(p, size="sm", min_width=96) for p in PRESETS}
+                    preset_buttons = {p: gr.Button(p, size="sm", min_width=80) for p in PRESETS}
                 guidance_scale = _slider("guidance_scale", value=best["guidance_scale"])
                 with gr.Accordion("Guidance window (steered side)", open=True):
                     window_relative = gr.Checkbox(best["window_relative"],
@@ -198,32 +201,33 @@ def build_app(pipe: Any = None, reference: Any = None, *, name: str = "default",
                     with gr.Row():
                         scale_above = _slider("scale_above", value=best["scale_above"])
                         scale_below = _slider("scale_below", value=best["scale_below"])
-                with gr.Accordion("Schedule (steered side)", open=True):
-                    schedule = gr.Radio(list(SCHEDULES), value=best["schedule"], label="Schedule",
-                                        info="phase-aware: put a chosen share of steps above σ*")
+                with gr.Accordion("Schedule and steering (steered side)", open=True):
+                    schedule = gr.Radio(list(SCHEDULES), value=best["schedule"],
+                                        label="Schedule",
+                                        info="phase-aware: a chosen share of the steps above σ*")
                     with gr.Row():
                         shift = _slider("shift", value=first.shift)
                         navigation_fraction = _slider("navigation_fraction",
                                                       visible=best["schedule"] == "phase-aware")
-                with gr.Accordion("Steering (steered side)", open=True):
-                    steering = gr.Dropdown(steerer_names(), value=best["steering"],
-                                           label="Steering method")
-                    strength = _slider("strength",
-                                       value=best.get("strength", LIMITS["strength"].default),
-                                       elem_id="strength")
+                    with gr.Row():
+                        steering = gr.Dropdown(steerer_names(), value=best["steering"],
+                                               label="Steering method")
+                        strength = _slider("strength",
+                                           value=best.get("strength", LIMITS["strength"].default),
+                                           elem_id="strength")
                     steering_info = gr.Markdown(steerer_summary(best["steering"]))
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
-            with gr.Column(scale=2, min_width=480):
+            with gr.Column(scale=3, min_width=480):
                 with gr.Row(equal_height=True):
                     with gr.Column():
                         plain_gallery = gr.Gallery(label="Plain", elem_id="gallery-plain",
                                                    columns=2, format="png", object_fit="contain",
-                                                   height=420, preview=False)
+                                                   height="auto", preview=False)
                         plain_stats = gr.Markdown(label="Plain summary", elem_id="stats-plain")
                     with gr.Column():
                         steered_gallery = gr.Gallery(label="Steered", elem_id="gallery-steered",
                                                      columns=2, format="png",
-                                                     object_fit="contain", height=420,
+                                                     object_fit="contain", height="auto",
                                                      preview=False)
                         steered_stats = gr.Markdown(label="Steered summary",
                                                     elem_id="stats-steered")

@@ -179,7 +179,7 @@ def _load_diffusers_folder(folder: Path, name: str) -> StudioModel:
 
 def _class_names(info) -> tuple[str, ...]:
     classes = sorted(set(info.rare_classes) | set(info.frequent_classes))
-    return tuple(f"{c} · {'rare (few training images)' if c in info.rare_classes else 'frequent'}"
+    return tuple(f"{c} · {'rare' if c in info.rare_classes else 'frequent'}"
                  for c in range(max(classes) + 1))
 
 

@@ -51,39 +51,46 @@ def enlarge(image: np.ndarray, side: int = _DISPLAY) -> Image.Image:
 
 def sample_tile(sample: np.ndarray, nearest: np.ndarray | None, seed: int,
                 ratio: float | None, is_copy: bool | None,
-                nearest_index: int | None = None) -> Image.Image:
-    """One gallery item: the sample (and its nearest training image) with a captioned badge."""
-    pad, gap, caption = 6, 8, 30
-    label_h = 19
-    left = enlarge(sample)
-    right = enlarge(nearest) if nearest is not None else None
+                nearest_index: int | None = None, scale: int = 2) -> Image.Image:
+    """One gallery item: the sample (and its nearest training image) with a captioned badge.
+
+    Drawn at ``scale`` times the layout size (2: sharp text when the browser shrinks the tile
+    into a gallery cell, and on high-density screens).
+    """
+    u = scale
+    pad, gap, label_h, caption = 6 * u, 8 * u, 19 * u, 30 * u
+    left = enlarge(sample, _DISPLAY * u)
+    right = enlarge(nearest, _DISPLAY * u) if nearest is not None else None
     w = left.width + (gap + right.width if right is not None else 0) + 2 * pad
     h = label_h + left.height + caption + 2 * pad
     tile = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(tile)
-    small = _font(14)
+    small = _font(14 * u)
     colour = _FRAME if is_copy is None else (COPY_COLOUR if is_copy else NOVEL_COLOUR)
     top = pad + label_h
     tile.paste(left, (pad, top))
-    draw.rectangle((pad - 3, top - 3, pad + left.width + 2, top + left.height + 2),
-                   outline=colour, width=3)
-    draw.text((pad, pad - 2), f"seed {seed}", fill=_TEXT, font=small)
+    draw.rectangle((pad - 3 * u, top - 3 * u, pad + left.width + 3 * u - 1,
+                    top + left.height + 3 * u - 1), outline=colour, width=3 * u)
+    draw.text((pad, pad - 2 * u), f"seed {seed}", fill=_TEXT, font=small)
     if right is not None:
         x = pad + left.width + gap
         tile.paste(right, (x, top))
-        draw.rectangle((x - 1, top - 1, x + right.width, top + right.height), outline=_FRAME)
+        draw.rectangle((x - u, top - u, x + right.width + u - 1, top + right.height + u - 1),
+                       outline=_FRAME, width=u)
         label = "nearest" if nearest_index is None else f"nearest #{nearest_index}"
-        draw.text((x, pad - 2), label, fill=(110, 110, 110), font=small)
-    y = top + left.height + 8
+        draw.text((x, pad - 2 * u), label, fill=(110, 110, 110), font=small)
+    y = top + left.height + 8 * u
     if ratio is not None:
         text = "COPY" if is_copy else "novel"
-        font = _font(15)
+        font = _font(15 * u)
         box = draw.textbbox((0, 0), text, font=font)
-        bw, bh = box[2] - box[0] + 14, 22
-        draw.rounded_rectangle((pad - 3, y, pad - 3 + bw, y + bh), radius=6, fill=colour)
-        draw.text((pad - 3 + 7, y + (bh - (box[3] - box[1])) / 2 - box[1]), text, fill="white",
+        bw, bh = box[2] - box[0] + 14 * u, 22 * u
+        x0 = pad - 3 * u
+        draw.rounded_rectangle((x0, y, x0 + bw, y + bh), radius=6 * u, fill=colour)
+        draw.text((x0 + 7 * u, y + (bh - (box[3] - box[1])) / 2 - box[1]), text, fill="white",
                   font=font)
-        draw.text((pad + bw + 6, y + 3), f"ratio {ratio:.2f}", fill=_TEXT, font=_font(14))
+        draw.text((x0 + bw + 8 * u, y + 3 * u), f"ratio {ratio:.2f}", fill=_TEXT,
+                  font=_font(14 * u))
     return tile
 
 
