@@ -35,8 +35,8 @@ Both tests are ratios, so the defaults hold on any data scale. With ``trigger > 
 estimate the steerer lets through passes the ratio test. Elsewhere the prediction is returned
 untouched (bit for bit), so generalising samples are not moved.
 
-Cost per step: two FAISS k-NN queries (2 neighbours of x̂₀, K of y) and, for the samples that are steered,
-a K-variable projected-gradient solve (``HULL_ITERATIONS`` accelerated steps, exact capped-simplex
+Cost per step: two exact k-NN queries (2 neighbours of x̂₀, K of y; :func:`nearest`) and, for
+the samples that are steered, a K-variable projected-gradient solve (``HULL_ITERATIONS`` accelerated steps, exact capped-simplex
 projection); no extra model evaluations.
 """
 
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -58,6 +59,7 @@ __all__ = [
     "project_capped_simplex",
     "project_to_capped_hull",
     "class_neighbour_count",
+    "nearest",
     "REFINEMENT_TOP1",
     "HULL_ITERATIONS",
 ]
@@ -65,8 +67,50 @@ __all__ = [
 REFINEMENT_TOP1 = 0.5
 """Posterior top-1 weight above which a sample counts as being in the refinement stage."""
 
-HULL_ITERATIONS = 60
+HULL_ITERATIONS = 40
 """Accelerated projected-gradient steps of the capped-hull projection (K variables)."""
+
+DENSE_SEARCH_ELEMENTS = 1 << 22
+"""Reference sets with N·D up to this many elements are searched with one float64 matmul
+(exact, cached per set); larger ones go through FAISS (``ReferenceSet.nearest``)."""
+
+_DENSE: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
+
+
+def nearest(reference: Any, queries: torch.Tensor, k: int,
+            labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dist, idx)`` ``(B, k)`` of the k nearest reference samples of ``queries`` ``(B, *shape)``.
+
+    Exact. Small sets (N·D ≤ :data:`DENSE_SEARCH_ELEMENTS`) are searched with one float64 matmul
+    per class present, ``d² = ‖q‖² + ‖x‖² − 2 q·x``, on a cached float64 copy split by class; at
+    these sizes that costs far less than a FAISS call's fixed overhead. Larger sets use
+    ``reference.nearest`` (FAISS). Distances are float64, indices int64, both on the CPU.
+    """
+    if len(reference) * reference.dim > DENSE_SEARCH_ELEMENTS:
+        dist, idx = reference.nearest(queries.to(reference.latents.dtype), k=k, labels=labels)
+        return dist.to("cpu", torch.float64), idx.cpu()
+    groups = _DENSE.get(reference)
+    if groups is None:
+        flat = reference.flat.detach().to("cpu", torch.float64)
+        classes = [None] if reference.labels is None else reference.classes.tolist()
+        groups = {}
+        for c in classes:
+            rows = reference.indices(c)
+            groups[c] = (flat[rows], flat[rows].square().sum(1), rows)
+        groups[None] = (flat, flat.square().sum(1), torch.arange(len(reference)))
+        _DENSE[reference] = groups
+    q = queries.detach().reshape(queries.shape[0], -1).to("cpu", torch.float64)
+    q_sq = q.square().sum(1, keepdim=True)
+    dist = torch.empty(q.shape[0], k, dtype=torch.float64)
+    idx = torch.empty(q.shape[0], k, dtype=torch.int64)
+    lab = None if labels is None else labels.reshape(-1).cpu()
+    for c in ([None] if lab is None else torch.unique(lab).tolist()):
+        sel = slice(None) if c is None else (lab == c).nonzero().flatten()
+        flat, sq, rows = groups[c]
+        d2 = (q_sq[sel] + sq[None, :] - 2.0 * (q[sel] @ flat.T)).clamp_min(0.0)
+        d2, j = torch.topk(d2, k, dim=1, largest=False)
+        dist[sel], idx[sel] = d2.sqrt(), rows[j]
+    return dist, idx
 
 
 def _check_strength(value: Any, name: str) -> float:
@@ -229,14 +273,12 @@ class AttractorRepulsion:
             return SteeringOutput(state.pred, {"active": zeros, "ratio": zeros + math.nan,
                                                "top1": zeros + math.nan})
         # attractor test: x̂₀ sits next to one sample, d(NN₁)/d(NN₂) small
-        dist0, _ = reference.nearest(x0_hat.to(reference.latents.dtype), k=2, labels=search_labels)
-        dist0 = dist0.to("cpu", torch.float64)
+        dist0, _ = nearest(reference, x0_hat, 2, search_labels)
         ratio = torch.where(dist0[:, 1] > 0, dist0[:, 0] / dist0[:, 1].clamp_min(1e-300),
                             torch.zeros_like(dist0[:, 0]))
         # refinement test: oracle posterior of (x_σ, σ) over the K nearest samples of y,
         # γ_k ∝ exp(−‖y − x⁽ᵏ⁾‖² / (2 (σ/(1 − σ))²))
-        dist, idx = reference.nearest(y.to(reference.latents.dtype), k=k, labels=search_labels)
-        dist = dist.to("cpu", torch.float64)
+        dist, idx = nearest(reference, y, k, search_labels)
         top1 = torch.softmax(-dist.square() / (2.0 * noise * noise), dim=1)[:, 0]
         active = (top1 >= REFINEMENT_TOP1) & (ratio < self.trigger)
         telemetry = {"active": active.to(torch.float64), "ratio": ratio, "top1": top1}

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 
-from steersample.attractor import class_neighbour_count
+from steersample.attractor import class_neighbour_count, nearest
 from steersample.representation import RepresentationRun
 from steersample.steering import SteeringOutput
 
@@ -147,9 +147,9 @@ class PosteriorConcentration:
             return SteeringOutput(state.pred, {"score": torch.zeros(batch, dtype=torch.float64)})
         k, labels = class_neighbour_count(reference, state.labels, self.neighbours)
         y = state.layout.unpack(state.latents).detach().float() / (1.0 - sigma)
-        dist, _ = reference.nearest(y.to(reference.latents.dtype), k=k, labels=labels)
+        dist, _ = nearest(reference, y, k, labels)
         noise = sigma / (1.0 - sigma)
-        logits = -dist.to("cpu", torch.float64).square() / (2.0 * noise * noise)
+        logits = -dist.square() / (2.0 * noise * noise)
         return SteeringOutput(state.pred, {"score": torch.softmax(logits, dim=1)[:, 0]})
 
 

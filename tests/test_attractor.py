@@ -11,7 +11,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from steersample.attractor import (AttractorRepulsion, project_capped_simplex,
+from steersample import attractor
+from steersample.attractor import (AttractorRepulsion, nearest, project_capped_simplex,
                                    project_to_capped_hull)
 from steersample.data import load_digits
 from steersample.guidance import GuidanceSchedule
@@ -73,6 +74,19 @@ def test_hull_projection_keeps_points_inside_the_hull():
     # capped at 0.4: the vertex e1 itself is pushed to the cap
     a = project_to_capped_hull(torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64), verts, 0.4)
     assert math.isclose(float(a[0, 0]), 0.4, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("labelled", [True, False])
+def test_nearest_matches_faiss_search(dense, labelled, monkeypatch):
+    monkeypatch.setattr(attractor, "DENSE_SEARCH_ELEMENTS", 1 << 30 if dense else 0)
+    ref = ReferenceSet(torch.randn(40, 2, 3, generator=gen(1)), torch.arange(40) % 3)
+    q = torch.randn(7, 2, 3, generator=gen(2), dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0]) if labelled else None
+    dist, idx = nearest(ref, q, 3, labels)
+    want_dist, want_idx = ref.nearest(q, k=3, labels=labels)
+    assert torch.equal(idx, want_idx.cpu())
+    assert torch.allclose(dist, want_dist.double(), atol=1e-9)
 
 
 # ----------------------------------------------------------------------------- bad input
