@@ -32,7 +32,7 @@ from steersample.studio.engine import StudioModel, load_model_folder, run_compar
 from steersample.studio.render import arm_summary, arm_tiles, phase_figure
 from steersample.studio.settings import (LIMITS, PRESETS, SCHEDULES, StudioRequest,
                                          parse_request, preset_values, steerer_names,
-                                         steerer_summary)
+                                         steerer_default_strength, steerer_summary)
 
 __all__ = ["build_app", "main", "default_models", "CSS"]
 
@@ -94,6 +94,11 @@ def _model_controls(model: StudioModel) -> tuple:
             gr.update(visible=not is_class),
             gr.update(value=model.description),
             gr.update(value=model.shift))
+
+
+def _default_strength(steerer: str):
+    default = steerer_default_strength(steerer)
+    return gr.update() if default is None else gr.update(value=default)
 
 
 def _window_visibility(relative: bool) -> tuple:
@@ -266,6 +271,9 @@ def build_app(pipe: Any = None, reference: Any = None, *, name: str = "default",
                         navigation_fraction, api_visibility="private", queue=False)
         steering.change(steerer_summary, steering, steering_info, api_visibility="private",
                         queue=False)
+        # a method picked by hand starts at its own default strength (presets set their own)
+        steering.input(_default_strength, steering, strength, api_visibility="private",
+                       queue=False)
         model.change(lambda m: _model_controls(served[m]), model,
                      [class_id, prompt, model_info, shift], api_visibility="private", queue=False)
         run.click(generate,

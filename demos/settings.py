@@ -36,6 +36,7 @@ __all__ = [
     "steerer_names",
     "steerer_strength_parameter",
     "steerer_summary",
+    "steerer_default_strength",
     "preset_values",
 ]
 
@@ -89,11 +90,30 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def steerer_names() -> list[str]:
-    """Registered steerers (``steersample.steering.STEERERS``), ``"none"`` first."""
+def _registry() -> dict[str, type]:
+    """``steersample.steering.STEERERS``, complete.
+
+    Steerers register themselves when their module is imported, and every public steerer is
+    exported at top level (``DESIGN.md``), so importing the modules of the package's public
+    names (``steersample._EXPORTS``) registers them all, including ones added later.
+    """
+    import importlib
+    import logging
+
+    import steersample
     from steersample.steering import STEERERS
 
-    return sorted(STEERERS, key=lambda name: (name != "none", name))
+    for module in sorted(set(steersample._EXPORTS.values())):
+        try:
+            importlib.import_module(module)
+        except ImportError as err:  # an optional dependency missing: list the others
+            logging.getLogger("steersample.studio").warning("skipping %s: %s", module, err)
+    return STEERERS
+
+
+def steerer_names() -> list[str]:
+    """Registered steerers (``steersample.steering.STEERERS``), ``"none"`` first."""
+    return sorted(_registry(), key=lambda name: (name != "none", name))
 
 
 def steerer_strength_parameter(name: str) -> str | None:
@@ -102,9 +122,7 @@ def steerer_strength_parameter(name: str) -> str | None:
     It is ``strength`` when the class takes one, else its first float-valued keyword argument
     (``scale``, ``weight``...); None for steerers with nothing to set (``"none"``).
     """
-    from steersample.steering import STEERERS
-
-    params = inspect.signature(STEERERS[name].__init__).parameters
+    params = inspect.signature(_registry()[name].__init__).parameters
     if "strength" in params:
         return "strength"
     for param in params.values():
@@ -113,11 +131,18 @@ def steerer_strength_parameter(name: str) -> str | None:
     return None
 
 
+def steerer_default_strength(name: str) -> float | None:
+    """The default of the argument the strength slider sets (None if there is none)."""
+    param = steerer_strength_parameter(name)
+    if param is None:
+        return None
+    default = inspect.signature(_registry()[name].__init__).parameters[param].default
+    return float(default) if isinstance(default, (int, float)) else None
+
+
 def steerer_summary(name: str) -> str:
     """One line for the UI: the steerer's docstring summary and what the strength sets."""
-    from steersample.steering import STEERERS
-
-    cls = STEERERS[name]
+    cls = _registry()[name]
     doc = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
     param = steerer_strength_parameter(name)
     effect = (f"strength sets `{cls.__name__}({param}=…)`" if param is not None

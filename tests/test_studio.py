@@ -351,3 +351,19 @@ def test_digits_models_get_the_judges_reading_of_every_sample():
     assert [s["judge_class"] for s in report_dict(result)["steered"]["samples"]] == expected
     hits = sum(c == FAST_REQUEST["class_id"] for c in expected)
     assert f"judge reads **{hits}/2** as a 3" in arm_summary(result.steered, result)
+
+
+def test_the_packages_public_steerers_are_listed_with_their_strength_argument():
+    import steersample
+    from steersample.steering import STEERERS
+    from steersample.studio.settings import steerer_default_strength, steerer_strength_parameter
+
+    names = steerer_names()
+    public = {cls.name for n in steersample._EXPORTS
+              if isinstance(cls := getattr(steersample, n), type) and cls in STEERERS.values()}
+    assert public <= set(names) and names[0] == "none"
+    for name in names:
+        param = steerer_strength_parameter(name)
+        if param is not None:
+            default = steerer_default_strength(name)
+            assert getattr(STEERERS[name](**{param: default}), param) == default
