@@ -19,6 +19,7 @@ COMMANDS: tuple[str, ...] = (
     "analyze",
     "demo",
     "index",
+    "audit",
 )
 
 
