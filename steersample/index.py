@@ -9,8 +9,9 @@ Kinds (:func:`choose_index`, FAISS ``index_factory`` strings; L2 metric througho
 
     N <= 50,000            "Flat"            exact brute force: N·Dk flops per query is cheap here
     N <= 300,000           "HNSW32,Flat"     graph search, no training, ~N·(4·Dk + 256) bytes
-    N <= 20,000,000        "IVF{L},Flat"     L = 2^round(log2(4·sqrt(N))) lists, k-means on 64·L rows
-    larger                 "IVF{L},PQ{m}"    m = Dk/8 sub-quantisers of 8 bits: m bytes per vector
+    N <= 20,000,000        "IVF{L},Flat"     L = 2^round(log2(8·sqrt(N))) lists, k-means on 40·L rows
+    larger                 "IVF{L},PQ{m}"    L = 2^round(log2(4·sqrt(N))), m = Dk/8 sub-quantisers
+                                             of 8 bits: m bytes per vector
     (IVF kinds with L >= 65,536 find their lists through an HNSW graph over the centroids:
      "IVF{L}_HNSW32,...")
 
@@ -158,7 +159,9 @@ def choose_index(n: int, dim: int, kind: str = "auto") -> IndexSpec:
     if kind == "auto":
         kind = ("flat" if n <= FLAT_MAX else "hnsw" if n <= HNSW_MAX
                 else "ivf" if n <= IVF_FLAT_MAX else "ivfpq")
-    nlist = int(2 ** round(math.log2(4 * math.sqrt(n))))
+    # lists: 8 sqrt(N) where the lists hold full vectors (a scan reads 4 Dk bytes per row, so
+    # finer lists pay), 4 sqrt(N) for PQ codes (cheap to scan; the coarse k-means is the cost)
+    nlist = int(2 ** round(math.log2((4 if kind == "ivfpq" else 8) * math.sqrt(n))))
     nlist = max(1, min(nlist, n // 39))   # FAISS wants >= 39 training rows per list
     pq_m = next((m for m in (dim // 8, dim // 4, dim // 2, dim) if m >= 1 and dim % m == 0), dim)
     ivf = kind in ("ivf", "ivfpq")

@@ -158,7 +158,7 @@ class ShardedReferenceSet(ReferenceSet):
         gen = torch.Generator().manual_seed(seed)
         train = None
         if spec.kind in ("ivf", "ivfpq"):
-            pick = torch.randperm(n, generator=gen)[:min(n, 64 * spec.nlist)].sort().values
+            pick = torch.randperm(n, generator=gen)[:min(n, 40 * spec.nlist)].sort().values  # FAISS: >= 39 per list
             train = self._keys_of(pick)
         sample = self._keys_of(torch.randperm(n, generator=gen)[:min(n, 256)].sort().values)
         self.index = ReferenceIndex.build(self.key_chunks(), spec, train_keys=train,
@@ -249,9 +249,9 @@ class ShardedReferenceSet(ReferenceSet):
         dist = torch.empty(cand.shape, dtype=torch.float64)
         block = max(1, _GATHER_ELEMENTS // max(1, cand.shape[1] * self.dim))
         for i in range(0, q.shape[0], block):
-            rows = self.rows(safe[i:i + block]).to(torch.float64).reshape(-1, cand.shape[1], self.dim)
-            diff = q[i:i + block].to(torch.float64)[:, None, :] - rows
-            dist[i:i + block] = diff.square().sum(-1).sqrt()
+            rows = self.rows(safe[i:i + block]).reshape(-1, cand.shape[1], self.dim)
+            diff = q[i:i + block].to(torch.float64)[:, None, :] - rows   # promoted: exact float64
+            dist[i:i + block] = diff.square_().sum(-1).sqrt_()
         dist = dist.masked_fill(~valid, float("inf"))
         dist, order = torch.sort(dist, dim=1, stable=True)
         return dist[:, :k], torch.gather(safe, 1, order)[:, :k]

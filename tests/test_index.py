@@ -60,7 +60,7 @@ def test_choose_index_by_size():
     assert choose_index(1_000, 64).kind == "flat"
     assert choose_index(100_000, 256).kind == "hnsw"
     spec = choose_index(1_000_000, 256)
-    assert spec.kind == "ivf" and spec.nlist == 4096 and spec.factory(256) == "IVF4096,Flat"
+    assert spec.kind == "ivf" and spec.nlist == 8192 and spec.factory(256) == "IVF8192,Flat"
     big = choose_index(10**9, 256)
     assert big.kind == "ivfpq" and big.pq_m == 32 and big.factory(256) == "IVF131072_HNSW32,PQ32"
     with pytest.raises(ValueError, match="index kind"):
