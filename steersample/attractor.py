@@ -11,15 +11,19 @@ to the trajectory:
 
     y   = x_σ / (1 − σ)                    the current point in data units (noise σ/(1 − σ))
     N   = the K nearest reference samples of y (of the sample's class when labelled)
-    p   = argmin_{a ∈ Δ_c} ‖Σ_k a_k x⁽ᵏ⁾ − y‖²,   Δ_c = {a ≥ 0, Σ a = 1, a_k ≤ c},  c = 1/(1 + strength)
-    x̂₀ ← Σ_k a_k x⁽ᵏ⁾                    (v ← (x_σ − x̂₀) / σ)
+    a   = argmin_{a ∈ Δ_c} ‖Σ_k a_k x⁽ᵏ⁾ − y‖²,   Δ_c = {a ≥ 0, Σ a = 1, a_k ≤ c},  c = 1/(1 + strength)
+    p   = Σ_k a_k x⁽ᵏ⁾                      the point of the capped hull nearest to y
+    x̂₀ ← x̂₀ + Π (p − x̂₀)                 Π: projector onto span{x⁽ᵏ⁾ − x̄} (tangent directions)
+    v  ← (x_σ − x̂₀) / σ
 
 ``p`` is the Euclidean projection of y onto the convex hull of its neighbours with every weight
 capped at c. Inside the hull the projection keeps y's tangential coordinate (set by the
-navigation stage, where models generalise), so samples stay diverse; the normal part is pulled
-onto the hull (no noise, no speckle, pixel values within the neighbours' range); and the cap
-keeps any single training sample from holding more than c of the weight, so the result is never
-that sample. For two neighbours at the cap, d(p, x⁽¹⁾) / d(p, x⁽²⁾) = (1 − c)/c = ``strength``:
+navigation stage, where models generalise), so samples stay diverse; the cap keeps any single
+training sample from holding more than c of the weight, so the result is never that sample.
+Only the tangential part of x̂₀ is replaced (He et al.'s "slide"): the component of x̂₀ normal
+to the neighbours' span stays the model's, which for a memorising model is almost nothing (its
+x̂₀ is a training sample) and otherwise is the model's own detail; it adds the same ‖n‖² to the
+squared distance to every neighbour, so it can only move their distance ratio towards 1. For two neighbours at the cap, d(p, x⁽¹⁾) / d(p, x⁽²⁾) = (1 − c)/c = ``strength``:
 the strength is the nearest-neighbour ratio the steerer aims for (the ratio test calls a sample
 a copy below 1/3).
 
@@ -59,6 +63,7 @@ __all__ = [
     "project_capped_simplex",
     "project_to_capped_hull",
     "class_neighbour_count",
+    "span_basis",
     "nearest",
     "REFINEMENT_TOP1",
     "HULL_ITERATIONS",
@@ -184,6 +189,19 @@ def project_to_capped_hull(y: torch.Tensor, neighbours: torch.Tensor, cap: float
     return a
 
 
+def span_basis(verts: torch.Tensor, rtol: float = 1e-9) -> torch.Tensor:
+    """Orthonormal basis ``(B, D, K)`` of the directions spanned by ``verts[b, k] − mean_k``.
+
+    From the eigen-decomposition of the centred K×K Gram matrix; directions with eigenvalue
+    below ``rtol`` × the largest are zeroed (duplicate or collinear vertices add none).
+    """
+    centred = verts - verts.mean(1, keepdim=True)                                 # (B, K, D)
+    evals, evecs = torch.linalg.eigh(centred @ centred.transpose(1, 2))
+    keep = evals > rtol * evals[:, -1:].clamp_min(1e-300)
+    scale = torch.where(keep, evals.clamp_min(1e-300).rsqrt(), torch.zeros_like(evals))
+    return centred.transpose(1, 2) @ (evecs * scale[:, None, :])
+
+
 def class_neighbour_count(reference: Any, labels: torch.Tensor | None, wanted: int) -> tuple[int, Any]:
     """``(k, labels_for_search)``: how many neighbours a class-restricted search can return.
 
@@ -292,7 +310,14 @@ class AttractorRepulsion:
         verts = verts.reshape(rows.numel(), k, -1)
         cap = max(1.0 / (1.0 + self.strength), 1.0 / k)
         weights = project_to_capped_hull(y[rows].flatten(1), verts, cap)
-        target = torch.einsum("bk,bkd->bd", weights, verts).reshape(x0_hat[rows].shape)
+        hull_point = torch.einsum("bk,bkd->bd", weights, verts)
+        # slide: replace only the tangential part of x̂₀ (within the neighbours' affine span);
+        # the normal part stays the model's. With n the normal part, every neighbour is at
+        # sqrt(d_k² + ‖n‖²), so d(NN₁)/d(NN₂) among them only moves towards 1.
+        x0_rows = x0_hat[rows].flatten(1)
+        basis = span_basis(verts)                                                 # (b, D, r)
+        slide = basis @ (basis.transpose(1, 2) @ (hull_point - x0_rows)[..., None])
+        target = (x0_rows + slide[..., 0]).reshape(x0_hat[rows].shape)
 
         # v = (x_σ − x̂₀)/σ: moving x̂₀ by δ changes v by −δ/σ
         delta = torch.zeros_like(x0_hat)
