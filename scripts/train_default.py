@@ -151,6 +151,7 @@ def quick_eval(model, train_x, train_y, all_x, all_y, rare, args) -> dict:
 
 # ----------------------------------------------------------------------------- training
 def train(args: argparse.Namespace) -> dict:
+    state = git_state()  # recorded at the start: other commits may land while training runs
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(args.seed)  # model initialisation only; all later draws use `g`
@@ -244,20 +245,25 @@ def train(args: argparse.Namespace) -> dict:
             print(f"  class {c} {'rare' if c in rare else 'freq'}  copy {m['copy_rate']:.2f}  "
                   f"acc {m['accuracy']:.2f}")
     if args.out is not None:
-        save(model, args, train_idx, held_idx, train_x, train_y, rare, result)
+        save(model, args, train_idx, held_idx, train_x, train_y, rare, result, state)
     return result
 
 
-def git_commit() -> str:
+def git_state() -> dict:
+    """The commit this run starts from and whether this script differs from it (``dirty``)."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, check=True)
-        return out.stdout.strip()
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--", "scripts/train_default.py"))
+        return {"git_commit": commit, "script_dirty": dirty}
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return {"git_commit": "unknown", "script_dirty": None}
 
 
-def save(model, args, train_idx, held_idx, train_x, train_y, rare, result) -> None:
+def save(model, args, train_idx, held_idx, train_x, train_y, rare, result, state) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from steersample.reference import ReferenceSet
@@ -280,7 +286,7 @@ def save(model, args, train_idx, held_idx, train_x, train_y, rare, result) -> No
                   "train_per_class": [int((train_y == c).sum()) for c in range(10)]},
         "training_config": config,
         "command": "python scripts/train_default.py " + " ".join(sys.argv[1:]),
-        "git_commit": git_commit(),
+        **state,
         "torch_version": torch.__version__,
         "result": result,
     }
