@@ -132,21 +132,22 @@ def _group(samples, labels, classes, reference, held_x, held_y) -> GroupFigures:
     )
 
 
-def _generators(count: int, seed: int) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(seed * 1_000_003 + k) for k in range(count)]
+def _generators(count: int, seed: int, first: int = 0) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed * 1_000_003 + k) for k in range(first, first + count)]
 
 
 def _sample(pipe, method: Method, labels, steps: int, seed: int, reference, detectors=(),
-            telemetry: bool = False):
+            telemetry: bool = False, first: int = 0):
     return pipe(class_labels=labels, num_inference_steps=steps, guidance=method.guidance,
-                generator=_generators(len(labels), seed), output_type="latent",
+                generator=_generators(len(labels), seed, first), output_type="latent",
                 steering=[*method.steering, *detectors], reference=reference,
                 return_telemetry=telemetry)
 
 
 def run_audit(pipe, reference, info, grid: Sequence[Method], *, rare_samples: int = 64,
               frequent_samples: int = 16, steps: int = 30, seed: int = 0, timing_repeats: int = 2,
-              timing_samples: int = 96, progress: Callable[[str], Any] | None = None) -> AuditResult:
+              timing_samples: int = 96, progress: Callable[[str], Any] | None = None,
+              world=None, batch_size: int = 64) -> AuditResult:
     """Run every grid point on ``pipe`` (the default model) and judge it.
 
     Args:
@@ -158,7 +159,13 @@ def run_audit(pipe, reference, info, grid: Sequence[Method], *, rare_samples: in
         timing_repeats: interleaved timing passes (0: skip timing).
         timing_samples: batch of the timing pass (rare classes, cycled).
         progress: called with a short description before each unit of work (a progress bar).
+        world: a :class:`steersample.distributed.Distributed` (default: this process alone);
+            under ``accelerate launch`` the samples are split over the processes and merged,
+            and the timing pass runs on the main process only.
+        batch_size: samples per pipeline call; the same batches whatever the number of
+            processes, so the merged results equal a one-process run.
     """
+    from steersample.distributed import Distributed
     from steersample.default import held_out_digits
 
     held_x, held_y = held_out_digits(info)
@@ -167,28 +174,38 @@ def run_audit(pipe, reference, info, grid: Sequence[Method], *, rare_samples: in
                         torch.tensor(frequent).repeat_interleave(frequent_samples)])
     is_rare = torch.isin(labels, torch.tensor(rare))
     tick = progress or (lambda _: None)
+    world = world or Distributed()
     measured = []
     for method in grid:
         tick(f"sample {method.name}")
         detectors = (ConditionalDeviation(), SpikinessDetector(), PosteriorConcentration())
-        out = _sample(pipe, method, labels, steps, seed, reference, detectors, telemetry=True)
-        x = out.images.detach().float().cpu().clamp(-1.0, 1.0)   # as the decoded image
+
+        def unit(items: range) -> dict[str, torch.Tensor]:
+            out = _sample(pipe, method, labels[items.start:items.stop], steps, seed, reference,
+                          detectors, telemetry=True, first=items.start)
+            rows = {det.name: score_matrix(out.telemetry, det.name).T for det in detectors}
+            evals = torch.full((len(items),), float(out.telemetry.total_model_evals), dtype=torch.float64)
+            return {"x": out.images.detach().float(), "evals": evals, **rows}
+
+        merged = world.map(unit, len(labels), batch_size)
+        x = merged["x"].clamp(-1.0, 1.0)   # as the decoded image
         from steersample.judge import copy_flags
 
         copy = copy_flags(x, reference)
         detection = {}
         for det in detectors:
-            scores = score_matrix(out.telemetry, det.name)
+            scores = merged[det.name].T
             detection[det.name] = {"all": detection_curve(scores, copy),
                                    "rare": detection_curve(scores[:, is_rare], copy[is_rare])}
         measured.append(dict(
             method=method,
             rare=_group(x, labels, rare, reference, held_x, held_y),
             frequent=_group(x, labels, frequent, reference, held_x, held_y),
-            model_evals=float(out.telemetry.total_model_evals),
+            model_evals=float(merged["evals"].max()),
             detection=detection, samples=x,
         ))
-    times = _timing(pipe, grid, reference, rare, steps, seed, timing_repeats, timing_samples, tick)
+    times = (_timing(pipe, grid, reference, rare, steps, seed, timing_repeats, timing_samples, tick)
+             if world.is_main else {})
     results = tuple(MethodResult(seconds=times.get(m["method"].name, (None, None))[0],
                                  cpu_seconds=times.get(m["method"].name, (None, None))[1], **m)
                     for m in measured)

@@ -125,3 +125,46 @@ def test_two_process_accelerate_launch_writes_the_same_report_as_one_process(tmp
     assert r1 == r2
     assert (tmp_path / "one" / "samples.safetensors").read_bytes() == \
         (tmp_path / "two" / "samples.safetensors").read_bytes()
+
+
+def tiny_model_folder(folder: Path) -> Path:
+    """A model folder in the layout scripts/train_default.py writes, with a tiny random DiT."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from steersample.data import load_digits, split_indices
+    from steersample.reference import ReferenceSet
+    from steersample.testing import tiny_dit_transformer
+
+    rare, frequent = (2, 4, 8), (0, 1, 3, 5, 6, 7, 9)
+    images, labels = load_digits()
+    train, held = split_indices(labels, {c: (4 if c in rare else 6) for c in range(10)}, seed=0)
+    tiny_dit_transformer(num_layers=1).save_pretrained(folder / "transformer", safe_serialization=True)
+    FlowMatchEulerDiscreteScheduler().save_pretrained(folder / "scheduler")
+    ReferenceSet(images[train], labels[train]).save(folder / "reference.safetensors")
+    (folder / "metadata.json").write_text(json.dumps({
+        "rare_classes": list(rare), "frequent_classes": list(frequent), "null_class": 10,
+        "split": {"train_indices": train.tolist(), "held_out_indices": held.tolist()},
+        "training_config": {}, "git_commit": "test", "command": "tiny"}))
+    return folder
+
+
+def test_two_process_audit_writes_the_same_report_as_one_process(tmp_path):
+    model = tiny_model_folder(tmp_path / "model")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("WORLD_SIZE", None)
+    args = ["audit", "--model", str(model), "--grid", "quick", "--rare-samples", "3",
+            "--frequent-samples", "2", "--steps", "2", "--timing-repeats", "0", "--batch-size", "5",
+            "--no-progress"]
+    one = subprocess.run([sys.executable, "-m", "steersample.cli", *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(launch_command(2, "-m", "steersample.cli", *args, "--out", str(tmp_path / "two"),
+                                        port=_free_port()),
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "(2 processes)" in two.stdout
+    r1, r2 = (json.loads((tmp_path / d / "audit.json").read_text()) for d in ("one", "two"))
+    r1.pop("seconds_total"), r2.pop("seconds_total")   # wall clock: the one figure allowed to differ
+    assert r1 == r2
+    for name in ("sheet.png", "pareto.png"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="interleaved timing passes per method (0: no timing)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="FOLDER",
                         help="output folder")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="samples per pipeline call (fixed, so any number of processes "
+                             "under `accelerate launch` writes the same report)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -51,6 +54,8 @@ def _validate(args: argparse.Namespace) -> None:
                              f"need two), got {getattr(args, name)}")
     if args.steps < 2:
         raise ValueError(f"--steps must be at least 2, got {args.steps}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.timing_repeats < 0:
         raise ValueError(f"--timing-repeats must be >= 0, got {args.timing_repeats}")
     if not math.isfinite(args.guidance):
@@ -64,14 +69,19 @@ def run(args: argparse.Namespace) -> int:
     from steersample.commands.compare import _check_writable, _write_atomic
     from steersample.default import load_default, load_default_info
 
+    from steersample.distributed import Distributed
+
     _validate(args)
-    _check_writable(args.out)
+    world = Distributed()   # several processes under `accelerate launch`, else this one
+    if world.is_main:
+        _check_writable(args.out)
     start = time.perf_counter()
     info = load_default_info(args.model)
     pipe, reference = load_default(args.model)
+    pipe.to(world.device)
     grid = (default_grid if args.grid == "default" else quick_grid)(args.guidance)
     units = len(grid) * (1 + args.timing_repeats)
-    with tqdm(total=units, desc="audit", unit="run", disable=args.no_progress) as bar:
+    with tqdm(total=units, desc="audit", unit="run", disable=args.no_progress or not world.is_main) as bar:
         def progress(text: str) -> None:
             if progress.started:
                 bar.update(1)
@@ -80,8 +90,11 @@ def run(args: argparse.Namespace) -> int:
         progress.started = False
         audit = run_audit(pipe, reference, info, grid, rare_samples=args.rare_samples,
                           frequent_samples=args.frequent_samples, steps=args.steps,
-                          seed=args.seed, timing_repeats=args.timing_repeats, progress=progress)
+                          seed=args.seed, timing_repeats=args.timing_repeats, progress=progress,
+                          world=world, batch_size=args.batch_size)
         bar.update(1)
+    if not world.is_main:   # the main process judges and writes the merged results
+        return 0
     best = select_best(audit)
     checks = targets(audit, best)
     seconds = time.perf_counter() - start
@@ -93,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     _write_atomic(args.out / "audit.json", (json.dumps(summary, indent=1) + "\n").encode())
     _write_atomic(args.out / "audit.md", markdown.encode())
     print(markdown)
-    print(f"wrote {args.out / 'audit.md'}, audit.json, pareto.png, sheet.png in {seconds:.0f} s")
+    print(f"wrote {args.out / 'audit.md'}, audit.json, pareto.png, sheet.png in {seconds:.0f} s"
+          + (f" ({world.world_size} processes)" if world.world_size > 1 else ""))
     return 0
 
 
