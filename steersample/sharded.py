@@ -244,17 +244,14 @@ class ShardedReferenceSet(ReferenceSet):
     def _rerank_rows(self, q: torch.Tensor, cand: torch.Tensor, k: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact float64 distances ``||q - x_c||`` on the full latents; keep the k closest."""
-        valid = cand >= 0
-        safe = cand.clamp_min(0)
         dist = torch.empty(cand.shape, dtype=torch.float64)
         block = max(1, _GATHER_ELEMENTS // max(1, cand.shape[1] * self.dim))
         for i in range(0, q.shape[0], block):
-            rows = self.rows(safe[i:i + block]).reshape(-1, cand.shape[1], self.dim)
+            rows = self.rows(cand[i:i + block]).reshape(-1, cand.shape[1], self.dim)
             diff = q[i:i + block].to(torch.float64)[:, None, :] - rows   # promoted: exact float64
             dist[i:i + block] = diff.square_().sum(-1).sqrt_()
-        dist = dist.masked_fill(~valid, float("inf"))
         dist, order = torch.sort(dist, dim=1, stable=True)
-        return dist[:, :k], torch.gather(safe, 1, order)[:, :k]
+        return dist[:, :k], torch.gather(cand, 1, order)[:, :k]
 
 
 def _fill_short(cand: torch.Tensor, exact: torch.Tensor, k: int) -> torch.Tensor:
