@@ -21,6 +21,7 @@ returns the two galleries, the two summaries, the phase plot, the JSON report an
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 from functools import partial
 from typing import Any, Sequence
@@ -94,11 +95,6 @@ def _model_controls(model: StudioModel) -> tuple:
             gr.update(visible=not is_class),
             gr.update(value=model.description),
             gr.update(value=model.shift))
-
-
-def _default_strength(steerer: str):
-    default = steerer_default_strength(steerer)
-    return gr.update() if default is None else gr.update(value=default)
 
 
 def _window_visibility(relative: bool) -> tuple:
@@ -216,7 +212,7 @@ def build_app(pipe: Any = None, reference: Any = None, *, name: str = "default",
                                                       visible=best["schedule"] == "phase-aware")
                     with gr.Row():
                         steering = gr.Dropdown(steerer_names(), value=best["steering"],
-                                               label="Steering method")
+                                               label="Steering method", elem_id="steering")
                         strength = _slider("strength",
                                            value=best.get("strength", LIMITS["strength"].default),
                                            elem_id="strength")
@@ -271,9 +267,11 @@ def build_app(pipe: Any = None, reference: Any = None, *, name: str = "default",
                         navigation_fraction, api_visibility="private", queue=False)
         steering.change(steerer_summary, steering, steering_info, api_visibility="private",
                         queue=False)
-        # a method picked by hand starts at its own default strength (presets set their own)
-        steering.input(_default_strength, steering, strength, api_visibility="private",
-                       queue=False)
+        # a method picked by hand starts at its own default strength (presets set their own);
+        # done in the browser, so the slider is right before the user can touch it
+        defaults = {n: steerer_default_strength(n) for n in steerer_names()}
+        steering.input(None, [steering, strength], strength,
+                       js=f"(name, current) => ({json.dumps(defaults)})[name] ?? current")
         model.change(lambda m: _model_controls(served[m]), model,
                      [class_id, prompt, model_info, shift], api_visibility="private", queue=False)
         run.click(generate,

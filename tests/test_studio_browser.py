@@ -25,6 +25,7 @@ pytest.importorskip("gradio")
 playwright = pytest.importorskip("playwright.sync_api")
 
 from _studio_fixtures import serve, tiny_model  # noqa: E402
+from steersample.studio.settings import steerer_names  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
@@ -70,6 +71,12 @@ def test_studio_in_headless_chromium(tmp_path):
 
             _set_number(page, "num-samples", SAMPLES)
             _set_number(page, "steps", 12)
+            steerer = next((n for n in steerer_names() if n != "none"), None)
+            if steerer is not None:  # pick a registered steerer, as a user would
+                page.locator("#steering input").click()
+                page.get_by_role("option", name=steerer, exact=True).click()
+                page.wait_for_function(
+                    "s => document.querySelector('#steering input').value === s", arg=steerer)
 
             # move the strength slider: focus its range input and press arrow keys
             strength = page.locator("#strength input[type=range]")
@@ -94,6 +101,7 @@ def test_studio_in_headless_chromium(tmp_path):
                 page.locator("#download-report").click()
             report = json.loads(Path(download.value.path()).read_text())
             assert report["request"]["strength"] == pytest.approx(moved)
+            assert report["request"]["steering"] == (steerer or "none")
             assert report["request"]["num_samples"] == SAMPLES
             assert report["model"] == model.name
 
