@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it (one table; the submodules own the code)
 _EXPORTS: dict[str, str] = {
     "ReferenceSet": "steersample.reference",
+    "ShardedReferenceSet": "steersample.sharded",
     "EmpiricalOracle": "steersample.oracle",
     "Posterior": "steersample.oracle",
     "PhaseProfile": "steersample.phases",
