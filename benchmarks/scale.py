@@ -20,8 +20,9 @@ Tables printed:
    same batch (``load_default()``; its architecture from scripts/train_default.py with random
    weights when the trained default is not installed; the cost does not depend on the weights).
 4. **memory**: peak resident set (VmHWM) of this process.
-5. **processes**: wall time of the same sampling job with 1 and 2 processes
-   (``accelerate launch``), and whether their outputs are identical.
+5. **processes**: ``steersample audit --grid quick`` with 1 process and with 2 processes
+   (``accelerate launch``): wall time including start-up, the audit's own ``seconds_total``,
+   and whether audit.json (less its wall clock) and the PNGs are identical.
 
 Data ("structured synthetic"): images of smooth random fields. A rank-r basis of low-resolution
 (side/4 x side/4) Gaussian patterns upsampled bilinearly; N/100 cluster centres 3·g in that
@@ -85,6 +86,8 @@ def make_store(folder: Path, n: int, side: int, shard: int = 65_536) -> tuple[St
                          labelled=False, shard_sizes=sizes, plan={"source": "benchmark", "n": n})
     spent = 0.0
     for i, size in enumerate(sizes):
+        if writer.done(i):  # a re-run with --work reuses the shards
+            continue
         rows = data.draw(size, i)
         t0 = time.perf_counter()
         writer.write(i, rows)
@@ -187,25 +190,36 @@ def oracle_section(work: Path, n: int, batch: int) -> tuple[list[list], str]:
     folder = work / f"oracle-{n}"
     data, _ = make_store(folder, n, 8)
     ref = ShardedReferenceSet.open(folder)
-    ref.build_index(progress=False)
+    if ref.index is None:
+        ref.build_index(progress=False)
     model, note = default_transformer()
     x0 = data.draw(batch, 20_000)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(batch) % 10
-    with torch.no_grad():
-        fwd_s, _ = timed(lambda: model(x0, timestep=torch.full((batch,), 500.0), class_labels=labels), 5)
+    t_model = torch.full((batch,), 500.0)
+
+    def forward():
+        with torch.no_grad():
+            return model(x0, timestep=t_model, class_labels=labels)
+
     rows = []
     for sigma in (0.9, 0.6, 0.3, 0.1, 0.03):
         x = (1 - sigma) * x0 + sigma * eps
-        cells = [sigma]
-        for max_dropped in (1e-4, None):
-            oracle = ss.EmpiricalOracle(ref, top_k=64, approximate=True, max_dropped=max_dropped)
+        oracles = [ss.EmpiricalOracle(ref, top_k=64, approximate=True, max_dropped=m) for m in (1e-4, None)]
+        for oracle in oracles:
             oracle.evaluate(x, sigma)  # warm caches (squared norms, index pages)
-            spent, out = timed(lambda: oracle.evaluate(x, sigma), 3)
-            cells += [1e3 * spent, f"{spent / fwd_s:.2f}"]
-        cells.append(f"{float(out.posterior.top1.mean()):.2f}")
-        rows.append(cells)
-    rows.append(["model fwd", 1e3 * fwd_s, "1.00", "", "", ""])
+        # interleaved rounds: the model and both oracles see the same machine load
+        best, out = [math.inf, math.inf, math.inf], None
+        for _ in range(3):
+            for j, fn in enumerate([forward] + [lambda o=o: o.evaluate(x, sigma) for o in oracles]):
+                if j and 2.0 < best[j] < math.inf:
+                    continue  # slow (exact-pass) calls: once is enough
+                t0 = time.perf_counter()
+                result = fn()
+                best[j] = min(best[j], time.perf_counter() - t0)
+                out = result if j == 2 else out
+        rows.append([sigma, 1e3 * best[1], f"{best[1] / best[0]:.2f}", 1e3 * best[2],
+                     f"{best[2] / best[0]:.2f}", 1e3 * best[0], f"{float(out.posterior.top1.mean()):.2f}"])
     return rows, note
 
 
@@ -228,26 +242,45 @@ def encode_section(work: Path, count: int) -> list:
     return [f"encode {count} imgs 32x32 (tiny VAE)", f"{count / spent:,.0f} img/s", f"{spent:.1f} s"]
 
 
-def process_section(work: Path, samples: int, steps: int) -> list[list]:
+def process_section(work: Path, quick: bool) -> tuple[list[list], str]:
+    """``steersample audit --grid quick`` with 1 and 2 processes: wall time (with start-up),
+    the audit's own time (``seconds_total``), and whether audit.json and the PNGs agree."""
     from steersample.distributed import launch_command
 
-    job = ROOT / "tests" / "distributed_job.py"
+    model, note = [], "the embedded default model"
+    try:
+        from steersample.default import load_default
+
+        load_default()
+    except Exception as err:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from test_distributed import tiny_model_folder
+
+        model = ["--model", str(tiny_model_folder(work / "tiny-model"))]
+        note = f"a tiny random DiT folder (default not installed: {type(err).__name__})"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    args = ["--samples", str(samples), "--batch", "8", "--steps", str(steps)]
-    rows = []
+    args = ["audit", *model, "--grid", "quick", "--rare-samples", "8" if quick else "32",
+            "--frequent-samples", "4" if quick else "16", "--steps", "10" if quick else "30",
+            "--timing-repeats", "0", "--batch-size", "16", "--no-progress"]
+    rows, reports = [], []
     for procs in (1, 2):
-        out = work / f"job{procs}"
-        cmd = [sys.executable, str(job), str(out), *args] if procs == 1 else \
-            launch_command(2, str(job), str(out), *args, port=29_000 + os.getpid() % 1000)
+        out = work / f"audit{procs}"
+        cmd = [sys.executable, "-m", "steersample.cli", *args, "--out", str(out)]
+        if procs == 2:
+            cmd = launch_command(2, "-m", "steersample.cli", *args, "--out", str(out),
+                                 port=29_000 + os.getpid() % 1000)
         t0 = time.perf_counter()
-        subprocess.run(cmd, env=env, check=True, capture_output=True)
-        rows.append([procs, f"{time.perf_counter() - t0:.1f} s"])
-    same = (work / "job1" / "samples.safetensors").read_bytes() == (work / "job2" / "samples.safetensors").read_bytes()
-    r1, r2 = (json.loads((work / f"job{p}" / "report.json").read_text()) for p in (1, 2))
-    same = same and r1["nearest"] == r2["nearest"] and r1["ratio"] == r2["ratio"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+        report = json.loads((out / "audit.json").read_text())
+        rows.append([procs, f"{wall:.1f} s", f"{report.pop('seconds_total'):.1f} s"])
+        reports.append((report, (out / "sheet.png").read_bytes(), (out / "pareto.png").read_bytes()))
+    same = "identical" if reports[0] == reports[1] else "DIFFERENT"
     for r in rows:
-        r.append("identical" if same else "DIFFERENT")
-    return rows
+        r.append(same)
+    return rows, note
 
 
 def main() -> None:
@@ -276,17 +309,21 @@ def main() -> None:
         rows = search_section(work, sizes, args.queries, build_rows)
         table(f"search: k=10, D=256 keys, Q={args.queries} fresh queries in one batch (ms per query)",
               ["N", "index", "exact ms", "index raw ms", "index+rerank ms", "speed-up", "recall@10"], rows)
-    table("build throughput", ["what", "rate", "time"], build_rows)
+    if build_rows:
+        table("build throughput", ["what", "rate", "time"], build_rows)
     if "oracle" not in args.skip:
         rows, note = oracle_section(work, sizes[-1], 64)
-        table(f"top-k oracle at N={sizes[-1]:.0e}, latents (1, 8, 8), B=64, K=64 (ms per call; "
-              f"x model = oracle / one forward of the default model on the same batch)\n"
+        table(f"top-k oracle at N={sizes[-1]:.0e}, latents (1, 8, 8), B=64, K=64 (ms per call, best of 3 "
+              f"interleaved rounds; x model = oracle / one forward of the default model on the same "
+              f"batch, timed in the same rounds)\n"
               f"model: {note}",
-              ["sigma", "adaptive K ms", "x model", "fixed K ms", "x model", "mean top-1"], rows)
+              ["sigma", "adaptive K ms", "x model", "fixed K ms", "x model", "model fwd ms",
+               "mean top-1"], rows)
     if "processes" not in args.skip:
-        rows = process_section(work, 32 if args.quick else 64, 10)
-        table("data-parallel sampling job (tiny flow pipeline, tests/distributed_job.py; "
-              "wall time incl. start-up)", ["processes", "wall", "outputs"], rows)
+        rows, note = process_section(work, args.quick)
+        table(f"steersample audit --grid quick, 1 vs 2 processes (accelerate launch, 1 thread each), "
+              f"model: {note}", ["processes", "wall incl. start-up", "audit seconds_total",
+                                 "audit.json + PNGs"], rows)
     table("memory", ["peak resident set (VmHWM)"], [[f"{peak_rss_gib():.2f} GiB"]])
 
 
