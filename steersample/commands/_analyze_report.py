@@ -132,10 +132,13 @@ def _plot_dimension_vs_sigma(ax, result: dict) -> None:
 
 def _plot_dimension_vs_size(ax, result: dict) -> None:
     sizes = result["subset_sizes"]
+    import matplotlib.pyplot as plt
+
     top = 1.0
-    for s in result["subset_sigmas"]:
+    shades = plt.cm.viridis([i / max(1, len(result["subset_sigmas"])) for i in range(len(result["subset_sigmas"]))])
+    for s, shade in zip(result["subset_sigmas"], shades):
         mean = [_mean_sd(result["dimension_vs_size"][str(n)][str(s)])[0] for n in sizes]
-        ax.plot(sizes, mean, marker="o", ms=3, label=f"oracle, sigma = {s:g}")
+        ax.plot(sizes, mean, marker="o", ms=3, color=shade, label=f"oracle, sigma = {s:g}")
         top = max(top, *mean)
     key = str(result["small_sigma"])
     marked = []
@@ -148,11 +151,11 @@ def _plot_dimension_vs_size(ax, result: dict) -> None:
         top = max(top, m)
     _log_ticks(ax, sorted(set(sizes) | set(marked)))
     ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_ylim(0.0, 2.0 * top)
+    ax.set_ylim(0.0, 8.0 * top)                 # headroom for the legend
     ax.set_xlabel("training images per class N (log)")
     ax.set_ylabel("local dimension (symlog)")
     ax.set_title("local dimension vs training-set size", fontsize=9)
-    ax.legend(fontsize=7, loc="center right")
+    ax.legend(fontsize=6, loc="upper left", ncol=2)
 
 
 def _sizes(result: dict, group: str) -> list[int]:
