@@ -1,13 +1,33 @@
-"""``AttractorRepulsion``: keep samples out of memorised attractors by sliding along the ridge.
+"""``AttractorRepulsion``: keep samples out of memorised attractors, per sample, in refinement.
 
 A model that memorises a reference set behaves, in the refinement stage, like the empirical
 oracle (``SCIENCE.md`` §1): its one-step estimate x̂₀ snaps onto the nearest training sample x⁽¹⁾
 and the trajectory ends on a copy. Pushing straight away from x⁽¹⁾ (AMG, Chen et al. CVPR 2024;
-SPELL, Kirchhof et al. arXiv 2410.06025) leaves the data and damages the image; pulling towards
-the posterior mean of several neighbours collapses every sample of one attractor onto the same
-blurred blend. This steerer instead moves x̂₀ onto the *ridge between training samples*
-(He, Qiu, Tao, arXiv 2602.06021, ``SCIENCE.md`` §4) and leaves the position *along* the ridge
-to the trajectory:
+SPELL, Kirchhof et al. arXiv 2410.06025) leaves the data and damages the image, and pulling
+towards the posterior mean of several neighbours collapses every sample of one attractor onto
+the same blurred blend. This steerer does two things, only to samples that are falling into an
+attractor and only from the moment they start to:
+
+**Flag.** A sample is flagged, and stays flagged for the rest of the run, when
+
+- it is in its refinement stage: the oracle posterior of (x_σ, σ) over its K nearest reference
+  samples is concentrated, max_k γ_k ≥ 1/2 (the per-sample form of "σ below the phase boundary
+  σ*", where the mean top-1 weight crosses 1/2; Liu et al., arXiv 2512.02826), and
+- its x̂₀ is falling into one reference sample: d(x̂₀, NN₁) / d(x̂₀, NN₂) < ``trigger``.
+
+Both tests are ratios, so the defaults hold on any data scale; nothing is tuned to digits.
+
+**Refine without the pull.** A flagged sample is refined with guidance scale ``1 − strength``
+(``v = v_u + (1 − strength)(v_c − v_u)``; strength 1 is the unconditional model): the
+condition-specific refinement is what snaps onto the few training samples of a rare condition
+(classifier-free guidance inside the attraction basin causes the copy; Jain et al., arXiv
+2411.16738), while the unconditional model, fitted to all the data, refines details without
+snapping. The layout the navigation stage chose is kept; no image is damaged.
+
+**Slide along the ridge** (the guarantee, and the only tool where a step has no unconditional
+pass). Where a flagged sample's estimate is still within ratio strength/2 of one sample,
+x̂₀ moves along the ridge between training samples (He, Qiu, Tao, arXiv 2602.06021,
+``SCIENCE.md`` §4):
 
     y   = x_σ / (1 − σ)                    the current point in data units (noise σ/(1 − σ))
     N   = the K nearest reference samples of y (of the sample's class when labelled)
@@ -16,32 +36,18 @@ to the trajectory:
     x̂₀ ← x̂₀ + Π (p − x̂₀)                 Π: projector onto span{x⁽ᵏ⁾ − x̄} (tangent directions)
     v  ← (x_σ − x̂₀) / σ
 
-``p`` is the Euclidean projection of y onto the convex hull of its neighbours with every weight
-capped at c. Inside the hull the projection keeps y's tangential coordinate (set by the
-navigation stage, where models generalise), so samples stay diverse; the cap keeps any single
-training sample from holding more than c of the weight, so the result is never that sample.
-Only the tangential part of x̂₀ is replaced (He et al.'s "slide"): the component of x̂₀ normal
-to the neighbours' span stays the model's, which for a memorising model is almost nothing (its
-x̂₀ is a training sample) and otherwise is the model's own detail; it adds the same ‖n‖² to the
-squared distance to every neighbour, so it can only move their distance ratio towards 1. For two neighbours at the cap, d(p, x⁽¹⁾) / d(p, x⁽²⁾) = (1 − c)/c = ``strength``:
-the strength is the nearest-neighbour ratio the steerer aims for (the ratio test calls a sample
-a copy below 1/3).
+Inside the hull the projection keeps y's tangential coordinate (set by the navigation stage),
+so samples stay diverse; the cap keeps any single training sample from holding more than c of
+the weight (for two neighbours at the cap, d(p, x⁽¹⁾)/d(p, x⁽²⁾) = (1 − c)/c = strength). Only the
+tangential part of x̂₀ is replaced: the part normal to the neighbours' span stays the model's
+and adds the same ‖n‖² to every squared neighbour distance, so it only moves the ratio towards 1.
 
-It acts per sample and only where that sample is falling into an attractor:
+Unflagged samples keep their prediction bit for bit. Per-run state (the flags) lives in the
+:class:`AttractorRun` that :meth:`AttractorRepulsion.bind` gives the sampling loop for one run.
 
-- **refinement stage:** the oracle posterior of (x_σ, σ) over the K neighbours is concentrated,
-  max_k γ_k ≥ 1/2 (the per-sample form of "σ below the phase boundary σ*", which is where the
-  mean top-1 weight crosses 1/2; Liu et al., arXiv 2512.02826);
-- **near an attractor:** the model's x̂₀ is close to one reference sample relative to the next,
-  d(x̂₀, NN₁) / d(x̂₀, NN₂) < ``trigger``.
-
-Both tests are ratios, so the defaults hold on any data scale. With ``trigger > 1/3`` every
-estimate the steerer lets through passes the ratio test. Elsewhere the prediction is returned
-untouched (bit for bit), so generalising samples are not moved.
-
-Cost per step: two exact k-NN queries (2 neighbours of x̂₀, K of y; :func:`nearest`) and, for
-the samples that are steered, a K-variable projected-gradient solve (``HULL_ITERATIONS`` accelerated steps, exact capped-simplex
-projection); no extra model evaluations.
+Cost per step: two exact k-NN queries (:func:`nearest`), a third for flagged samples, and a
+K-variable projected-gradient solve (``HULL_ITERATIONS`` accelerated steps, exact
+capped-simplex projection) for the samples that slide; no extra model evaluations.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "AttractorRepulsion",
+    "AttractorRun",
     "project_capped_simplex",
     "project_to_capped_hull",
     "class_neighbour_count",
@@ -219,38 +226,55 @@ def class_neighbour_count(reference: Any, labels: torch.Tensor | None, wanted: i
 
 @register_steerer
 class AttractorRepulsion:
-    """Slide samples that fall into a memorised training sample onto the ridge between samples.
+    """Keep samples out of memorised training samples: per sample, in refinement only.
 
-    See the module docstring for the formula. Reference-aware: the pipeline call needs
-    ``reference=ReferenceSet(...)`` in the pipeline's latent layout.
+    A sample is *flagged* once its x̂₀ falls into an attractor (module docstring); a flagged
+    sample stays flagged for the rest of the run (the flags live in the per-run object that
+    :meth:`bind` gives the sampling loop; a direct call without a run decides step by step).
+    Flagged samples are then
+
+    1. refined with the guidance scale ``1 − strength`` instead of the run's
+       (``v = v_u + (1 − strength)(v_c − v_u)``: strength 1 is the unconditional model,
+       above 1 opposite guidance), where the step has an unconditional pass; and
+    2. slid along the ridge (capped-hull projection, ``c = 1/(1 + strength)``) wherever
+       their estimate is still within d(NN₁)/d(NN₂) < strength/2 of one training sample
+       (the only tool at steps without an unconditional pass, e.g. guidance scale 1).
+
+    Unflagged samples keep their prediction bit for bit. Reference-aware: the pipeline call
+    needs ``reference=ReferenceSet(...)`` in the pipeline's latent layout.
 
     Args:
-        strength: target nearest-neighbour ratio d(NN₁)/d(NN₂) of the steered estimate
-            (each neighbour's weight is capped at ``1 / (1 + strength)``); 0 switches the steerer
-            off, 1 aims at midpoints between training samples; at most K − 1.
-        trigger: act when the model's x̂₀ has d(NN₁)/d(NN₂) below this (in (0, 1]); values above
-            1/3, the copy threshold, let through only estimates that pass the ratio test.
-        neighbours: K, the hull vertices (nearest reference samples of y = x_σ/(1 − σ)).
+        strength: ≥ 0; 0 switches the steerer off; 1 (default) refines flagged samples with
+            the unconditional model and slides estimates still below ratio 1/2 towards the
+            midpoints between training samples; at most K − 1.
+        trigger: flag a sample when its x̂₀ has d(NN₁)/d(NN₂) below this, in (0, 1]
+            (default 0.8: early in the fall, before the copy is fixed; real unseen digits sit
+            around 0.9, copies near 0).
+        neighbours: K, the nearest reference samples of y = x_σ/(1 − σ) used for the
+            posterior test and as hull vertices.
 
-    Telemetry (per sample, every step): ``active`` (1 where steered), ``ratio`` (x̂₀'s
-    d(NN₁)/d(NN₂) before steering), ``top1`` (posterior top-1 weight over the neighbours).
+    Telemetry (per sample, every step): ``active`` (1 where flagged), ``slid`` (1 where the
+    ridge slide acted), ``ratio`` (x̂₀'s d(NN₁)/d(NN₂) before steering), ``top1``
+    (posterior top-1 weight over the neighbours).
 
-    Sources: reference repellency (SPELL, arXiv 2410.06025; AMG, CVPR 2024), made
-    manifold-preserving with the ridge picture of arXiv 2602.06021 and triggered by the
-    oracle's refinement stage (arXiv 2512.02826).
+    Sources: classifier-free guidance inside the attraction basin causes the copy (Jain et al.,
+    arXiv 2411.16738; here switched off per sample, and only once the sample is in the basin);
+    reference repellency (SPELL, arXiv 2410.06025; AMG, CVPR 2024) made manifold-preserving
+    with the ridge picture of arXiv 2602.06021; the refinement test is the oracle posterior of
+    arXiv 2512.02826.
     """
 
     name: ClassVar[str] = "attractor"
     needs_reference: ClassVar[bool] = True
 
-    def __init__(self, strength: float = 1.0, trigger: float = 0.5, neighbours: int = 4) -> None:
+    def __init__(self, strength: float = 1.0, trigger: float = 0.8, neighbours: int = 4) -> None:
         self.strength = _check_strength(strength, "strength")
         if isinstance(trigger, bool) or not isinstance(trigger, numbers.Real) or not (
             math.isfinite(float(trigger)) and 0.0 < float(trigger) <= 1.0
         ):
             raise ValueError(
                 f"trigger must be a number in (0, 1] (a nearest-neighbour ratio), got {trigger!r}; "
-                f"e.g. trigger=0.5"
+                f"e.g. trigger=0.8"
             )
         self.trigger = float(trigger)
         if isinstance(neighbours, bool) or not isinstance(neighbours, numbers.Integral) or neighbours < 2:
@@ -259,15 +283,25 @@ class AttractorRepulsion:
         if self.strength > self.neighbours - 1:
             raise ValueError(
                 f"strength {self.strength:g} needs more than {self.neighbours} neighbours (each "
-                f"weight is capped at 1/(1 + strength)); use strength <= {self.neighbours - 1} or "
-                f"raise neighbours to {math.ceil(self.strength) + 1}"
+                f"hull weight is capped at 1/(1 + strength)); use strength <= "
+                f"{self.neighbours - 1} or raise neighbours to {math.ceil(self.strength) + 1}"
             )
 
     def __repr__(self) -> str:
         return (f"AttractorRepulsion(strength={self.strength:g}, trigger={self.trigger:g}, "
                 f"neighbours={self.neighbours})")
 
+    def bind(self, pipeline: Any) -> "AttractorRun":
+        """The per-run steerer (holds which samples are flagged); the sampling loop calls this."""
+        return AttractorRun(self)
+
     def __call__(self, state: "StepState") -> SteeringOutput:
+        output, _ = self.step(state, None)
+        return output
+
+    def step(self, state: "StepState", flagged: torch.Tensor | None
+             ) -> tuple[SteeringOutput, torch.Tensor | None]:
+        """One step: ``(output, flags)``; ``flagged`` ``(B,)`` bool from earlier steps or None."""
         reference = state.reference
         if reference is None:
             raise ValueError(
@@ -277,53 +311,87 @@ class AttractorRepulsion:
         batch = state.latents.shape[0]
         sigma = float(state.sigma)
         zeros = torch.zeros(batch, dtype=torch.float64)
-        if self.strength == 0.0 or sigma >= 1.0 - 1e-6 or sigma <= 0.0:
-            return SteeringOutput(state.pred, {"active": zeros, "ratio": zeros + math.nan,
-                                               "top1": zeros + math.nan})
+        idle = {"active": zeros if flagged is None else flagged.double(), "slid": zeros,
+                "ratio": zeros + math.nan, "top1": zeros + math.nan}
+        k, search_labels = class_neighbour_count(reference, state.labels, self.neighbours)
+        if self.strength == 0.0 or sigma >= 1.0 - 1e-6 or sigma <= 0.0 or k < 2:
+            return SteeringOutput(state.pred, idle), flagged
         layout = state.layout
         x = layout.unpack(state.latents).detach().to("cpu", torch.float64)
         x0_hat = layout.unpack(state.latents - sigma * state.pred).detach().to("cpu", torch.float64)
         y = x / (1.0 - sigma)
         noise = sigma / (1.0 - sigma)
 
-        k, search_labels = class_neighbour_count(reference, state.labels, self.neighbours)
-        if k < 2:
-            return SteeringOutput(state.pred, {"active": zeros, "ratio": zeros + math.nan,
-                                               "top1": zeros + math.nan})
         # attractor test: x̂₀ sits next to one sample, d(NN₁)/d(NN₂) small
-        dist0, _ = nearest(reference, x0_hat, 2, search_labels)
-        ratio = torch.where(dist0[:, 1] > 0, dist0[:, 0] / dist0[:, 1].clamp_min(1e-300),
-                            torch.zeros_like(dist0[:, 0]))
+        ratio = _ratio(nearest(reference, x0_hat, 2, search_labels)[0])
         # refinement test: oracle posterior of (x_σ, σ) over the K nearest samples of y,
         # γ_k ∝ exp(−‖y − x⁽ᵏ⁾‖² / (2 (σ/(1 − σ))²))
         dist, idx = nearest(reference, y, k, search_labels)
         top1 = torch.softmax(-dist.square() / (2.0 * noise * noise), dim=1)[:, 0]
         active = (top1 >= REFINEMENT_TOP1) & (ratio < self.trigger)
-        telemetry = {"active": active.to(torch.float64), "ratio": ratio, "top1": top1}
+        if flagged is not None:
+            active = active | flagged
+        telemetry = {"active": active.to(torch.float64), "slid": zeros, "ratio": ratio, "top1": top1}
         if not bool(active.any()):
-            return SteeringOutput(state.pred, telemetry)
+            return SteeringOutput(state.pred, telemetry), active
 
-        # ridge step: project y onto the capped hull of its neighbours
-        rows = active.nonzero().flatten()
-        flat = reference.flat
-        verts = flat[idx[rows].flatten().to(flat.device)].to("cpu", torch.float64)
-        verts = verts.reshape(rows.numel(), k, -1)
-        cap = max(1.0 / (1.0 + self.strength), 1.0 / k)
-        weights = project_to_capped_hull(y[rows].flatten(1), verts, cap)
-        hull_point = torch.einsum("bk,bkd->bd", weights, verts)
-        # slide: replace only the tangential part of x̂₀ (within the neighbours' affine span);
-        # the normal part stays the model's. With n the normal part, every neighbour is at
-        # sqrt(d_k² + ‖n‖²), so d(NN₁)/d(NN₂) among them only moves towards 1.
-        x0_rows = x0_hat[rows].flatten(1)
-        basis = span_basis(verts)                                                 # (b, D, r)
-        slide = basis @ (basis.transpose(1, 2) @ (hull_point - x0_rows)[..., None])
-        target = (x0_rows + slide[..., 0]).reshape(x0_hat[rows].shape)
-
-        # v = (x_σ − x̂₀)/σ: moving x̂₀ by δ changes v by −δ/σ
-        delta = torch.zeros_like(x0_hat)
-        delta[rows] = (x0_hat[rows] - target) / sigma
-        delta = layout.pack(delta.to(device=state.pred.device, dtype=state.pred.dtype))
+        # 1. flagged samples: guidance scale 1 − strength (the unconditional model at 1)
         pred = state.pred.clone()
-        rows = rows.to(pred.device)
-        pred[rows] = pred[rows] + delta[rows]          # untouched rows keep v bit for bit
-        return SteeringOutput(pred, telemetry)
+        rows = active.nonzero().flatten()
+        dev_rows = rows.to(pred.device)
+        if state.pred_uncond is not None:
+            v_u, v_c = state.pred_uncond[dev_rows], state.pred_cond[dev_rows]
+            pred[dev_rows] = v_u + (1.0 - self.strength) * (v_c - v_u)
+            x0_hat = layout.unpack(state.latents - sigma * pred).detach().to("cpu", torch.float64)
+        # 2. ridge slide where the estimate is still next to one sample
+        target_ratio = self.strength / 2.0
+        near = active & (_ratio(nearest(reference, x0_hat, 2, search_labels)[0]) < target_ratio)
+        telemetry["slid"] = near.to(torch.float64)
+        if bool(near.any()):
+            rows = near.nonzero().flatten()
+            flat = reference.flat
+            verts = flat[idx[rows].flatten().to(flat.device)].to("cpu", torch.float64)
+            verts = verts.reshape(rows.numel(), k, -1)
+            cap = max(1.0 / (1.0 + self.strength), 1.0 / k)
+            weights = project_to_capped_hull(y[rows].flatten(1), verts, cap)
+            hull_point = torch.einsum("bk,bkd->bd", weights, verts)
+            # slide: replace only the tangential part of x̂₀ (within the neighbours' affine
+            # span); the normal part stays the model's. With n the normal part, every neighbour
+            # is at sqrt(d_k² + ‖n‖²), so d(NN₁)/d(NN₂) among them only moves towards 1.
+            x0_rows = x0_hat[rows].flatten(1)
+            basis = span_basis(verts)                                             # (b, D, r)
+            slide = (basis @ (basis.transpose(1, 2) @ (hull_point - x0_rows)[..., None]))[..., 0]
+            # v = (x_σ − x̂₀)/σ: moving x̂₀ by δ changes v by −δ/σ
+            delta = torch.zeros_like(x0_hat)
+            delta[rows] = (-slide / sigma).reshape(x0_hat[rows].shape)
+            delta = layout.pack(delta.to(device=pred.device, dtype=pred.dtype))
+            dev_rows = rows.to(pred.device)
+            pred[dev_rows] = pred[dev_rows] + delta[dev_rows]
+        return SteeringOutput(pred, telemetry), active
+
+
+class AttractorRun:
+    """One sampling run of an :class:`AttractorRepulsion`: remembers the flagged samples."""
+
+    needs_reference: ClassVar[bool] = True
+
+    def __init__(self, steerer: AttractorRepulsion) -> None:
+        self.name = steerer.name
+        self.steerer = steerer
+        self.flagged: torch.Tensor | None = None
+
+    def __enter__(self) -> "AttractorRun":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.flagged = None
+
+    def __call__(self, state: "StepState") -> SteeringOutput:
+        output, self.flagged = self.steerer.step(state, self.flagged)
+        return output
+
+
+def _ratio(dist: torch.Tensor) -> torch.Tensor:
+    """d(NN₁)/d(NN₂) from ``(B, 2)`` distances (0 for an exact duplicate pair)."""
+    return torch.where(dist[:, 1] > 0, dist[:, 0] / dist[:, 1].clamp_min(1e-300),
+                       torch.zeros_like(dist[:, 0]))

@@ -157,10 +157,51 @@ def test_strength_sets_the_ratio_between_two_samples():
     sigma = 0.05
     x0 = torch.tensor([[0.0, 0.0]])
     x = (1 - sigma) * x0
-    for strength in (0.5, 1.0):
+    for strength in (0.5, 1.0):       # without an unconditional pass: the slide to ratio strength
         out = AttractorRepulsion(strength=strength, neighbours=2)(_state(x, (x - x0) / sigma, sigma, ref))
         new_x0 = x - sigma * out.prediction
         assert math.isclose(float(nn_ratio(new_x0, ref)[0]), strength, rel_tol=1e-4)
+        assert out.telemetry["slid"].tolist() == [1.0]
+
+
+def test_flagged_samples_use_the_unconditional_model():
+    ref = ReferenceSet(torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0], [4.0, 4.0]]))
+    sigma = 0.1
+    x0 = torch.tensor([[0.05, 0.0], [2.0, 0.0]])             # falling into (0, 0); in between
+    x = (1 - sigma) * x0
+    v_c = (x - x0) / sigma
+    x0_u = torch.tensor([[2.0, 2.0], [2.0, 0.5]])            # the unconditional model: elsewhere
+    v_u = (x - x0_u) / sigma
+    state = StepState(step=5, num_steps=10, sigma=sigma, sigma_next=0.05, timestep=torch.tensor(100.0),
+                      latents=x, pred=v_u + 2.0 * (v_c - v_u), pred_cond=v_c, pred_uncond=v_u,
+                      guidance_scale=2.0, conditioning=Conditioning(cond={}),
+                      layout=LatentLayout((2,)), reference=ref)
+    for strength, scale in ((1.0, 0.0), (0.5, 0.5)):
+        out = AttractorRepulsion(strength=strength)(state)
+        assert out.telemetry["active"].tolist() == [1.0, 0.0]
+        assert torch.allclose(out.prediction[0], v_u[0] + scale * (v_c[0] - v_u[0]))
+        assert torch.equal(out.prediction[1], state.pred[1])
+        assert out.telemetry["slid"].tolist() == [0.0, 0.0]
+    # strength 2: opposite guidance lands next to (4, 4), so the ridge slide follows
+    out = AttractorRepulsion(strength=2.0)(state)
+    assert out.telemetry["slid"].tolist() == [1.0, 0.0]
+    assert float(nn_ratio(x[:1] - sigma * out.prediction[:1], ref)[0]) > 1 / 3
+
+
+def test_flags_last_for_the_run_and_no_longer():
+    ref = ReferenceSet(torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0], [4.0, 4.0]]))
+    steerer = AttractorRepulsion()
+    sigma = 0.1
+    falling, free = torch.tensor([[0.05, 0.0]]), torch.tensor([[2.0, 2.0]])
+    def state(x0):
+        x = (1 - sigma) * x0
+        return _state(x, (x - x0) / sigma, sigma, ref)
+    with steerer.bind(None) as run:
+        assert run(state(falling)).telemetry["active"].tolist() == [1.0]
+        assert run(state(free)).telemetry["active"].tolist() == [1.0]        # still flagged
+    with steerer.bind(None) as run:                                           # a new run
+        assert run(state(free)).telemetry["active"].tolist() == [0.0]
+    assert steerer(state(free)).telemetry["active"].tolist() == [0.0]        # no run: per step
 
 
 # ----------------------------------------------------------------------------- on a memoriser
