@@ -8,7 +8,8 @@ towards the posterior mean of several neighbours collapses every sample of one a
 the same blurred blend. This steerer does two things, only to samples that are falling into an
 attractor and only from the moment they start to:
 
-**Flag.** A sample is flagged, and stays flagged for the rest of the run, when
+**Flag.** A sample is flagged, and stays flagged for the rest of the run, when at two
+consecutive steps (one step could be a passing dip of a generalising sample)
 
 - it is in its refinement stage: the oracle posterior of (x_σ, σ) over its K nearest reference
   samples is concentrated, max_k γ_k ≥ 1/2 (the per-sample form of "σ below the phase boundary
@@ -55,6 +56,7 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -67,6 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "AttractorRepulsion",
     "AttractorRun",
+    "Flags",
     "project_capped_simplex",
     "project_to_capped_hull",
     "class_neighbour_count",
@@ -228,9 +231,10 @@ def class_neighbour_count(reference: Any, labels: torch.Tensor | None, wanted: i
 class AttractorRepulsion:
     """Keep samples out of memorised training samples: per sample, in refinement only.
 
-    A sample is *flagged* once its x̂₀ falls into an attractor (module docstring); a flagged
-    sample stays flagged for the rest of the run (the flags live in the per-run object that
-    :meth:`bind` gives the sampling loop; a direct call without a run decides step by step).
+    A sample is *flagged* once its x̂₀ has been falling into an attractor (module docstring) at
+    two consecutive steps; a flagged sample stays flagged for the rest of the run (the flags
+    live in the per-run object that :meth:`bind` gives the sampling loop; a direct call without
+    a run decides from the current step alone).
     Flagged samples are then
 
     1. refined with the guidance scale ``1 − strength`` instead of the run's
@@ -299,9 +303,11 @@ class AttractorRepulsion:
         output, _ = self.step(state, None)
         return output
 
-    def step(self, state: "StepState", flagged: torch.Tensor | None
-             ) -> tuple[SteeringOutput, torch.Tensor | None]:
-        """One step: ``(output, flags)``; ``flagged`` ``(B,)`` bool from earlier steps or None."""
+    def step(self, state: "StepState", memory: "Flags | None"
+             ) -> tuple[SteeringOutput, "Flags | None"]:
+        """One step: ``(output, memory)``. ``memory`` holds the flags of a run (None: decide
+        from this step alone, flagging every sample that meets the tests now)."""
+        flagged = None if memory is None else memory.flagged
         reference = state.reference
         if reference is None:
             raise ValueError(
@@ -315,7 +321,7 @@ class AttractorRepulsion:
                 "ratio": zeros + math.nan, "top1": zeros + math.nan}
         k, search_labels = class_neighbour_count(reference, state.labels, self.neighbours)
         if self.strength == 0.0 or sigma >= 1.0 - 1e-6 or sigma <= 0.0 or k < 2:
-            return SteeringOutput(state.pred, idle), flagged
+            return SteeringOutput(state.pred, idle), memory
         layout = state.layout
         x = layout.unpack(state.latents).detach().to("cpu", torch.float64)
         x0_hat = layout.unpack(state.latents - sigma * state.pred).detach().to("cpu", torch.float64)
@@ -328,12 +334,15 @@ class AttractorRepulsion:
         # γ_k ∝ exp(−‖y − x⁽ᵏ⁾‖² / (2 (σ/(1 − σ))²))
         dist, idx = nearest(reference, y, k, search_labels)
         top1 = torch.softmax(-dist.square() / (2.0 * noise * noise), dim=1)[:, 0]
-        active = (top1 >= REFINEMENT_TOP1) & (ratio < self.trigger)
-        if flagged is not None:
-            active = active | flagged
+        falling = (top1 >= REFINEMENT_TOP1) & (ratio < self.trigger)
+        if memory is None:
+            active = falling
+        else:   # in a run: flag after two consecutive steps, then keep the flag
+            active = memory.flagged | (falling & memory.falling)
+        memory = Flags(flagged=active, falling=falling)
         telemetry = {"active": active.to(torch.float64), "slid": zeros, "ratio": ratio, "top1": top1}
         if not bool(active.any()):
-            return SteeringOutput(state.pred, telemetry), active
+            return SteeringOutput(state.pred, telemetry), memory
 
         # 1. flagged samples: guidance scale 1 − strength (the unconditional model at 1)
         pred = state.pred.clone()
@@ -367,7 +376,16 @@ class AttractorRepulsion:
             delta = layout.pack(delta.to(device=pred.device, dtype=pred.dtype))
             dev_rows = rows.to(pred.device)
             pred[dev_rows] = pred[dev_rows] + delta[dev_rows]
-        return SteeringOutput(pred, telemetry), active
+        return SteeringOutput(pred, telemetry), memory
+
+
+@dataclass(frozen=True)
+class Flags:
+    """A run's memory: ``flagged`` (steered from now on) and ``falling`` (met the tests at the
+    previous step), each ``(B,)`` bool."""
+
+    flagged: torch.Tensor
+    falling: torch.Tensor
 
 
 class AttractorRun:
@@ -378,16 +396,19 @@ class AttractorRun:
     def __init__(self, steerer: AttractorRepulsion) -> None:
         self.name = steerer.name
         self.steerer = steerer
-        self.flagged: torch.Tensor | None = None
+        self.memory: Flags | None = None
 
     def __enter__(self) -> "AttractorRun":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.flagged = None
+        self.memory = None
 
     def __call__(self, state: "StepState") -> SteeringOutput:
-        output, self.flagged = self.steerer.step(state, self.flagged)
+        if self.memory is None or self.memory.flagged.shape[0] != state.latents.shape[0]:
+            none = torch.zeros(state.latents.shape[0], dtype=torch.bool)
+            self.memory = Flags(flagged=none, falling=none)
+        output, self.memory = self.steerer.step(state, self.memory)
         return output
 
 

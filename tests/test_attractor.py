@@ -197,11 +197,15 @@ def test_flags_last_for_the_run_and_no_longer():
         x = (1 - sigma) * x0
         return _state(x, (x - x0) / sigma, sigma, ref)
     with steerer.bind(None) as run:
-        assert run(state(falling)).telemetry["active"].tolist() == [1.0]
+        assert run(state(falling)).telemetry["active"].tolist() == [0.0]     # one step: a dip?
+        assert run(state(free)).telemetry["active"].tolist() == [0.0]
+        assert run(state(falling)).telemetry["active"].tolist() == [0.0]
+        assert run(state(falling)).telemetry["active"].tolist() == [1.0]     # two in a row
         assert run(state(free)).telemetry["active"].tolist() == [1.0]        # still flagged
     with steerer.bind(None) as run:                                           # a new run
         assert run(state(free)).telemetry["active"].tolist() == [0.0]
-    assert steerer(state(free)).telemetry["active"].tolist() == [0.0]        # no run: per step
+    assert steerer(state(falling)).telemetry["active"].tolist() == [1.0]     # no run: per step
+    assert steerer(state(free)).telemetry["active"].tolist() == [0.0]
 
 
 # ----------------------------------------------------------------------------- on a memoriser
