@@ -53,36 +53,41 @@ class Method:
 
 
 def default_grid(w: float) -> tuple[Method, ...]:
-    """Plain CFG ``w``, Jain et al.'s delayed and opposite presets, a CFG interval,
-    AttractorRepulsion and RepresentationSteering at several strengths, and combinations."""
+    """Plain CFG ``w``; Jain et al.'s delayed and opposite presets; a CFG interval; CFG in
+    navigation only (unconditional refinement for every sample); AttractorRepulsion at several
+    strengths and triggers; RepresentationSteering; combinations (14 grid points)."""
     plain = GuidanceSchedule.constant(w)
     delayed = GuidanceSchedule.delayed(w, JAIN_DELAY_SIGMA)
     interval = GuidanceSchedule.interval(w, 0.4, 0.9)
+
+    def ar(strength: float = 1.0, trigger: float = 0.8) -> AttractorRepulsion:
+        return AttractorRepulsion(strength=strength, trigger=trigger)
+
     grid = [
         Method("plain", "plain", None, plain),
         Method("jain-delayed", "jain-delayed", None, delayed),
         Method("jain-opposite", "jain-opposite", None,
                GuidanceSchedule.opposite(w, JAIN_OPPOSITE_SCALE, JAIN_OPPOSITE_SIGMA)),
         Method("cfg-interval", "cfg-interval", None, interval),
+        Method("cfg-navigation-only", "cfg-interval", None,
+               GuidanceSchedule(scale=w, window=(0.6, 1.0), scale_below=0.0)),
     ]
-    grid += [Method(f"attractor-{s:g}", "attractor", s, plain, (AttractorRepulsion(strength=s),))
-             for s in (0.4, 0.5, 0.75, 1.0, 2.0)]
+    grid += [Method(f"attractor-{s:g}", "attractor", s, plain, (ar(s),)) for s in (0.5, 1.0, 2.0)]
+    grid += [Method(f"attractor-1-trigger-{t:g}", "attractor", 1.0, plain, (ar(1.0, t),))
+             for t in (0.7, 0.9)]
     grid += [Method(f"representation-{s:g}", "representation", s, plain,
                     (RepresentationSteering(strength=s),)) for s in (0.5, 1.0)]
     grid += [
-        Method("attractor-0.5+jain-delayed", "combination", 0.5, delayed,
-               (AttractorRepulsion(strength=0.5),)),
-        Method("attractor-0.5+cfg-interval", "combination", 0.5, interval,
-               (AttractorRepulsion(strength=0.5),)),
-        Method("attractor-0.5+representation-0.5", "combination", 0.5, plain,
-               (AttractorRepulsion(strength=0.5), RepresentationSteering(strength=0.5))),
+        Method("attractor-1+jain-delayed", "combination", 1.0, delayed, (ar(),)),
+        Method("attractor-1+representation-0.5", "combination", 1.0, plain,
+               (ar(), RepresentationSteering(strength=0.5))),
     ]
     return tuple(grid)
 
 
 def quick_grid(w: float) -> tuple[Method, ...]:
     """Plain, the two Jain presets and AttractorRepulsion at its default strength."""
-    keep = {"plain", "jain-delayed", "jain-opposite", "attractor-0.5"}
+    keep = {"plain", "jain-delayed", "jain-opposite", "attractor-1"}
     return tuple(m for m in default_grid(w) if m.name in keep)
 
 
@@ -300,7 +305,9 @@ def targets(audit: AuditResult, best: MethodResult | None = None) -> list[tuple[
         value, name, k = max(aurocs)
         rows.append(("best reference-free detector AUROC >= 0.95 within 20 % of steps",
                      f"{name}: {value:.3f} after {k} steps", value >= 0.95))
-    ar = next((r for r in audit.results if r.method.family == "attractor"), None)
+    default = AttractorRepulsion()
+    ar = next((r for r in audit.results if r.method.steering and all(
+        isinstance(x, AttractorRepulsion) and repr(x) == repr(default) for x in r.method.steering)), None)
     if ar is not None and ar.seconds and plain.seconds:
         rows.append(("AttractorRepulsion wall time <= 1.2x plain",
                      f"{ar.seconds / plain.seconds:.2f}x ({ar.method.name}; CPU "

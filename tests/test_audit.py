@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from steersample.attractor import AttractorRepulsion
 from steersample.audit import (AuditResult, GroupFigures, Method, MethodResult, default_grid,
                                quick_grid, select_best, targets)
 from steersample.cli import main
@@ -24,9 +25,9 @@ RARE, FREQUENT = (2, 4, 8), (0, 1, 3, 5, 6, 7, 9)
 
 
 # ----------------------------------------------------------------------------- verdicts
-def result(name, family, rare, frequent=(0.0, 1.0, 2.0, 3.0), seconds=1.0, auroc=0.5):
+def result(name, family, rare, frequent=(0.0, 1.0, 2.0, 3.0), seconds=1.0, auroc=0.5, steering=()):
     points = tuple(DetectionPoint(k, k / 10, auroc, 0.1) for k in range(1, 11))
-    return MethodResult(Method(name, family, None, GuidanceSchedule()), GroupFigures(*rare),
+    return MethodResult(Method(name, family, None, GuidanceSchedule(), steering), GroupFigures(*rare),
                         GroupFigures(*frequent), 60.0, seconds, seconds,
                         {"spikiness": {"all": points, "rare": points}})
 
@@ -36,7 +37,8 @@ def test_select_best_keeps_quality_limits():
         result("plain", "plain", (0.8, 1.0, 2.0, 3.0), auroc=0.97),
         result("jain-delayed", "jain-delayed", (0.6, 1.0, 1.9, 3.0), frequent=(0.0, 1.0, 1.5, 3.0)),
         result("jain-opposite", "jain-opposite", (0.5, 0.95, 2.0, 3.0)),
-        result("attractor-0.5", "attractor", (0.01, 1.0, 2.05, 2.9), seconds=1.1),
+        result("attractor-0.5", "attractor", (0.01, 1.0, 2.05, 2.9), seconds=1.1,
+               steering=(AttractorRepulsion(),)),
         result("attractor-2", "attractor", (0.0, 0.85, 2.0, 2.9)),       # accuracy too low
         result("attractor-1", "attractor", (0.0, 1.0, 2.5, 2.8)),        # FD too high
     ), {})
@@ -61,7 +63,7 @@ def test_grids():
     assert len(names) == len(set(names)) <= 15
     assert any(m.family == "combination" for m in default_grid(2.0))
     assert [m.name for m in quick_grid(2.0)] == ["plain", "jain-delayed", "jain-opposite",
-                                                "attractor-0.5"]
+                                                "attractor-1"]
     jain = default_grid(3.0)[1].guidance
     assert jain.scale_at(0.9) == 1.0 and jain.scale_at(0.3) == 3.0
 
@@ -99,7 +101,7 @@ def test_audit_command_on_a_tiny_model(tiny_folder, tmp_path, capsys):
     assert len(plain["detection"]["spikiness"]["all"]) == 3
     assert summary["best"] in [r["method"] for r in summary["results"][1:]]
     markdown = (out / "audit.md").read_text()
-    assert "| plain |" in markdown and "## Targets" in markdown and "attractor-0.5" in markdown
+    assert "| plain |" in markdown and "## Targets" in markdown and "attractor-1" in markdown
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "wrote" in capsys.readouterr().out
 
