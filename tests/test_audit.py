@@ -120,3 +120,29 @@ def test_bad_arguments(tiny_folder, tmp_path, capsys, argv, message):
 def test_missing_model_folder(tmp_path, capsys):
     assert main(["audit", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the default model
+def test_attractor_repulsion_removes_rare_class_copies_of_the_default_model():
+    """End to end on the embedded default: same seeds, plain CFG versus AttractorRepulsion."""
+    from steersample.default import load_default, load_default_info
+    from steersample.judge import class_accuracy, copy_flags
+
+    try:
+        info = load_default_info()
+        pipe, reference = load_default()
+    except (FileNotFoundError, ValueError) as err:
+        pytest.skip(f"no embedded default model: {err}")
+    labels = torch.tensor(info.rare_classes).repeat_interleave(6)
+
+    def run(steering):
+        gens = [torch.Generator().manual_seed(k) for k in range(len(labels))]
+        return pipe(class_labels=labels, num_inference_steps=20, guidance=2.0, generator=gens,
+                    output_type="latent", steering=steering, reference=reference).images.clamp(-1, 1)
+
+    plain, steered = run(None), run([AttractorRepulsion()])
+    plain_copy = float(copy_flags(plain, reference).double().mean())
+    steered_copy = float(copy_flags(steered, reference).double().mean())
+    assert plain_copy >= 0.6, f"the default model should copy its rare classes (got {plain_copy})"
+    assert steered_copy <= 0.1 < plain_copy - 0.5
+    assert class_accuracy(steered, labels) >= 0.8
