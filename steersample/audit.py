@@ -241,25 +241,33 @@ def _timing(pipe, grid, reference, rare, steps, seed, repeats, batch, tick) -> d
 
 # ----------------------------------------------------------------------------- verdicts
 def select_best(audit: AuditResult) -> MethodResult:
-    """The best steered setting: lowest rare copy rate among the non-plain methods that keep
-    rare accuracy ≥ 0.9, rare FD ≤ 1.05 × plain, frequent FD ≤ 1.02 × plain and frequent copy
-    rate ≤ plain's (ties: lower rare FD); if none qualifies, the lowest rare copy rate with
-    rare accuracy ≥ 0.9 (or overall)."""
+    """The best steered setting by the issue's acceptance rule, in tiers:
+
+    1. rare copy rate ≤ 0.05, rare accuracy ≥ 0.9, rare FD ≤ 1.05 × plain, frequent FD within
+       2 % of plain and frequent copy rate ≤ plain's: the lowest rare FD;
+    2. else the same without the rare-FD limit: the lowest rare FD;
+    3. else the lowest rare copy rate among methods with rare accuracy ≥ 0.9 (or all).
+    Ties go to the lower rare copy rate, then the earlier grid point.
+    """
     plain = _plain(audit)
     steered = [r for r in audit.results if r.method.name != "plain"]
     if not steered:
         raise ValueError("the grid has no steered method to choose from; add one besides 'plain'")
 
-    def ok(r: MethodResult) -> bool:
-        return (r.rare.accuracy >= 0.9 and r.rare.fd <= 1.05 * plain.rare.fd
-                and r.frequent.fd <= 1.02 * plain.frequent.fd
+    def frequent_unchanged(r: MethodResult) -> bool:
+        return (abs(r.frequent.fd / plain.frequent.fd - 1.0) <= 0.02
                 and r.frequent.copy_rate <= plain.frequent.copy_rate)
 
-    key = lambda r: (r.rare.copy_rate, r.rare.fd)  # noqa: E731
-    for pool in ([r for r in steered if ok(r)], [r for r in steered if r.rare.accuracy >= 0.9], steered):
+    def works(r: MethodResult) -> bool:
+        return r.rare.copy_rate <= 0.05 and r.rare.accuracy >= 0.9 and frequent_unchanged(r)
+
+    tier1 = [r for r in steered if works(r) and r.rare.fd <= 1.05 * plain.rare.fd]
+    tier2 = [r for r in steered if works(r)]
+    for pool in (tier1, tier2):
         if pool:
-            return min(pool, key=key)
-    raise AssertionError("unreachable")
+            return min(pool, key=lambda r: (r.rare.fd, r.rare.copy_rate))
+    pool = [r for r in steered if r.rare.accuracy >= 0.9] or steered
+    return min(pool, key=lambda r: (r.rare.copy_rate, r.rare.fd))
 
 
 def _plain(audit: AuditResult) -> MethodResult:

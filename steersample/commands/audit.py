@@ -167,8 +167,11 @@ def render_markdown(summary: dict) -> str:
             f"{_f(ra['diversity'], 2)} | {_f(fr['copy_rate'])} | {_f(fr['accuracy'])} | "
             f"{_f(fr['fd'])} | {_f(fr['diversity'], 2)} | {r['model_evals_per_sample']:g} | "
             f"{_f(r['seconds'], 2)} | {ratio} | {_f(r['cpu_seconds'], 2)} |")
-    lines += ["", f"Best steered setting (lowest rare copy rate within the quality limits): "
-              f"**{summary['best']}**.", "", "## Detection on plain sampling", "",
+    lines += ["", f"Best steered setting: **{summary['best']}** (the issue's limits in tiers: "
+              "rare copy <= 0.05, rare accuracy >= 0.9, frequent FD within 2 % and frequent "
+              "copy unchanged, then the lowest rare FD; see `steersample.audit.select_best`). "
+              "The sheet shows rare-class samples: nearest training image of each plain sample, "
+              "plain, Jain delayed, Jain opposite, best.", "", "## Detection on plain sampling", "",
               "AUROC / TPR at 1 % FPR of \"this sample is a copy\" from each detector's score "
               "averaged over the first k steps; *all* = every sample, *rare* = within the rare "
               "classes only (copy versus novel sample of the same class).", "",
