@@ -169,3 +169,9 @@ class NoSteering:
 
     def __repr__(self) -> str:
         return "NoSteering()"
+
+
+# steerers defined in their own modules register themselves on import (kept last: they import
+# register_steerer and SteeringOutput from this module)
+from steersample import attractor as _attractor  # noqa: E402,F401
+from steersample import representation as _representation  # noqa: E402,F401
