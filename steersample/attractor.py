@@ -26,20 +26,22 @@ condition-specific refinement is what snaps onto the few training samples of a r
 snapping. The layout the navigation stage chose is kept; no image is damaged.
 
 **Slide along the ridge** (the guarantee, and the only tool where a step has no unconditional
-pass). Where a flagged sample's estimate is still within ratio strength/2 of one sample,
+pass). Where a flagged sample's estimate is still within ratio ``SLIDE_RATIO`` of one sample,
 x̂₀ moves along the ridge between training samples (He, Qiu, Tao, arXiv 2602.06021,
 ``SCIENCE.md`` §4):
 
     y   = x_σ / (1 − σ)                    the current point in data units (noise σ/(1 − σ))
     N   = the K nearest reference samples of y (of the sample's class when labelled)
-    a   = argmin_{a ∈ Δ_c} ‖Σ_k a_k x⁽ᵏ⁾ − y‖²,   Δ_c = {a ≥ 0, Σ a = 1, a_k ≤ c},  c = 1/(1 + strength)
+    a   = argmin_{a ∈ Δ_c} ‖Σ_k a_k x⁽ᵏ⁾ − y‖²,   Δ_c = {a ≥ 0, Σ a = 1, a_k ≤ c},  c = 1/(1 + 0.45)
     p   = Σ_k a_k x⁽ᵏ⁾                      the point of the capped hull nearest to y
     x̂₀ ← x̂₀ + Π (p − x̂₀)                 Π: projector onto span{x⁽ᵏ⁾ − x̄} (tangent directions)
     v  ← (x_σ − x̂₀) / σ
 
 Inside the hull the projection keeps y's tangential coordinate (set by the navigation stage),
 so samples stay diverse; the cap keeps any single training sample from holding more than c of
-the weight (for two neighbours at the cap, d(p, x⁽¹⁾)/d(p, x⁽²⁾) = (1 − c)/c = strength). Only the
+the weight (for two neighbours at the cap, d(p, x⁽¹⁾)/d(p, x⁽²⁾) = (1 − c)/c = 0.45; where
+several neighbours share the rest and the ratio among them is still below 0.45, lower caps are
+tried, down to 1/K). Only the
 tangential part of x̂₀ is replaced: the part normal to the neighbours' span stays the model's
 and adds the same ‖n‖² to every squared neighbour distance, so it only moves the ratio towards 1.
 
@@ -76,11 +78,17 @@ __all__ = [
     "span_basis",
     "nearest",
     "REFINEMENT_TOP1",
+    "SLIDE_RATIO",
     "HULL_ITERATIONS",
 ]
 
 REFINEMENT_TOP1 = 0.5
 """Posterior top-1 weight above which a sample counts as being in the refinement stage."""
+
+SLIDE_RATIO = 0.45
+"""The ridge slide acts on flagged samples whose estimate has d(NN₁)/d(NN₂) below this, and
+caps each hull weight at 1/(1 + SLIDE_RATIO) (ratio 0.45 between two samples): just clear of
+the copy threshold 1/3, so the slide moves samples as little as it can."""
 
 HULL_ITERATIONS = 15
 """Accelerated projected-gradient steps of the capped-hull projection (K variables); on digit
@@ -246,17 +254,18 @@ class AttractorRepulsion:
     1. refined with the guidance scale ``1 − strength`` instead of the run's
        (``v = v_u + (1 − strength)(v_c − v_u)``: strength 1 is the unconditional model,
        above 1 opposite guidance), where the step has an unconditional pass; and
-    2. slid along the ridge (capped-hull projection, ``c = 1/(1 + strength)``) wherever
-       their estimate is still within d(NN₁)/d(NN₂) < strength/2 of one training sample
-       (the only tool at steps without an unconditional pass, e.g. guidance scale 1).
+    2. slid along the ridge (capped-hull projection, ``c = 1/(1 + SLIDE_RATIO)``) wherever
+       their estimate is still within d(NN₁)/d(NN₂) < ``SLIDE_RATIO`` (0.45) of one training
+       sample (the only tool at steps without an unconditional pass, e.g. guidance scale 1).
 
     Unflagged samples keep their prediction bit for bit. Reference-aware: the pipeline call
     needs ``reference=ReferenceSet(...)`` in the pipeline's latent layout.
 
     Args:
-        strength: ≥ 0; 0 switches the steerer off; 1 (default) refines flagged samples with
-            the unconditional model and slides estimates still below ratio 1/2 towards the
-            midpoints between training samples; at most K − 1.
+        strength: ≥ 0; 0 switches the steerer off; flagged samples are refined at guidance
+            scale 1 − strength: 1 (default) is the unconditional model, values in (0, 1) keep
+            part of the condition (better class fidelity, more copies left to the slide),
+            values above 1 are opposite guidance (Jain et al.'s −2 is strength 3).
         trigger: flag a sample when its x̂₀ has d(NN₁)/d(NN₂) below this, in (0, 1]
             (default 0.8: early in the fall, before the copy is fixed; real unseen digits sit
             around 0.9, copies near 0).
@@ -290,12 +299,6 @@ class AttractorRepulsion:
         if isinstance(neighbours, bool) or not isinstance(neighbours, numbers.Integral) or neighbours < 2:
             raise ValueError(f"neighbours must be an int >= 2, got {neighbours!r}; e.g. neighbours=4")
         self.neighbours = int(neighbours)
-        if self.strength > self.neighbours - 1:
-            raise ValueError(
-                f"strength {self.strength:g} needs more than {self.neighbours} neighbours (each "
-                f"hull weight is capped at 1/(1 + strength)); use strength <= "
-                f"{self.neighbours - 1} or raise neighbours to {math.ceil(self.strength) + 1}"
-            )
 
     def __repr__(self) -> str:
         return (f"AttractorRepulsion(strength={self.strength:g}, trigger={self.trigger:g}, "
@@ -359,17 +362,14 @@ class AttractorRepulsion:
             pred[dev_rows] = v_u + (1.0 - self.strength) * (v_c - v_u)
             x0_hat = layout.unpack(state.latents - sigma * pred).detach().to("cpu", torch.float64)
         # 2. ridge slide where the estimate is still next to one sample
-        target_ratio = self.strength / 2.0
-        near = active & (_ratio(nearest(reference, x0_hat, 2, search_labels)[0]) < target_ratio)
+        near = active & (_ratio(nearest(reference, x0_hat, 2, search_labels)[0]) < SLIDE_RATIO)
         telemetry["slid"] = near.to(torch.float64)
         if bool(near.any()):
             rows = near.nonzero().flatten()
             flat = reference.flat
             verts = flat[idx[rows].flatten().to(flat.device)].to("cpu", torch.float64)
             verts = verts.reshape(rows.numel(), k, -1)
-            cap = max(1.0 / (1.0 + self.strength), 1.0 / k)
-            weights = project_to_capped_hull(y[rows].flatten(1), verts, cap)
-            hull_point = torch.einsum("bk,bkd->bd", weights, verts)
+            hull_point = _capped_hull_point(y[rows].flatten(1), verts)
             # slide: replace only the tangential part of x̂₀ (within the neighbours' affine
             # span); the normal part stays the model's. With n the normal part, every neighbour
             # is at sqrt(d_k² + ‖n‖²), so d(NN₁)/d(NN₂) among them only moves towards 1.
@@ -416,6 +416,26 @@ class AttractorRun:
             self.memory = Flags(flagged=none, falling=none)
         output, self.memory = self.steerer.step(state, self.memory)
         return output
+
+
+def _capped_hull_point(y: torch.Tensor, verts: torch.Tensor) -> torch.Tensor:
+    """Capped-hull point ``(b, D)`` for the slide: cap 1/(1 + SLIDE_RATIO) first; rows whose
+    point is still nearer than SLIDE_RATIO to one vertex (several vertices share the rest of the
+    weight) are redone with lower caps, down to 1/K (the centroid)."""
+    k = verts.shape[1]
+    out = torch.empty(y.shape, dtype=verts.dtype)
+    todo = torch.arange(y.shape[0])
+    for cap in (1.0 / (1.0 + SLIDE_RATIO), 0.6, 0.5, 0.4, 1.0 / k):
+        cap = max(cap, 1.0 / k)
+        weights = project_to_capped_hull(y[todo], verts[todo], cap)
+        point = torch.einsum("bk,bkd->bd", weights, verts[todo])
+        dist = torch.sort((verts[todo] - point[:, None, :]).norm(dim=2), dim=1).values
+        ok = (_ratio(dist[:, :2]) >= SLIDE_RATIO) | (cap <= 1.0 / k)
+        out[todo[ok]] = point[ok]
+        todo = todo[~ok]
+        if todo.numel() == 0:
+            break
+    return out
 
 
 def _ratio(dist: torch.Tensor) -> torch.Tensor:

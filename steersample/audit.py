@@ -149,8 +149,8 @@ def _sample(pipe, method: Method, labels, steps: int, seed: int, reference, dete
                 return_telemetry=telemetry)
 
 
-def run_audit(pipe, reference, info, grid: Sequence[Method], *, rare_samples: int = 64,
-              frequent_samples: int = 16, steps: int = 30, seed: int = 0, timing_repeats: int = 2,
+def run_audit(pipe, reference, info, grid: Sequence[Method], *, rare_samples: int = 128,
+              frequent_samples: int = 48, steps: int = 30, seed: int = 0, timing_repeats: int = 2,
               timing_samples: int = 96, progress: Callable[[str], Any] | None = None,
               world=None, batch_size: int = 64) -> AuditResult:
     """Run every grid point on ``pipe`` (the default model) and judge it.

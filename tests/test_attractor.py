@@ -12,8 +12,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from steersample import attractor
-from steersample.attractor import (AttractorRepulsion, nearest, project_capped_simplex,
-                                   project_to_capped_hull)
+from steersample.attractor import (SLIDE_RATIO, AttractorRepulsion, nearest,
+                                   project_capped_simplex, project_to_capped_hull)
 from steersample.data import load_digits
 from steersample.guidance import GuidanceSchedule
 from steersample.metrics import nn_ratio
@@ -105,8 +105,6 @@ def test_bad_arguments():
         AttractorRepulsion(trigger=float("nan"))
     with pytest.raises(ValueError, match="neighbours must be an int >= 2"):
         AttractorRepulsion(neighbours=1)
-    with pytest.raises(ValueError, match="strength 5 needs more than 4 neighbours"):
-        AttractorRepulsion(strength=5.0)
 
 
 def test_needs_a_reference():
@@ -152,15 +150,15 @@ def test_acts_only_on_samples_falling_into_an_attractor():
     assert flat.telemetry["active"].tolist() == [0.0, 0.0]
 
 
-def test_strength_sets_the_ratio_between_two_samples():
+def test_the_slide_stops_just_clear_of_the_copy_threshold():
     ref = ReferenceSet(torch.tensor([[0.0, 0.0], [1.0, 0.0]]))
     sigma = 0.05
     x0 = torch.tensor([[0.0, 0.0]])
     x = (1 - sigma) * x0
-    for strength in (0.5, 1.0):       # without an unconditional pass: the slide to ratio strength
+    for strength in (0.5, 1.0, 3.0):  # without an unconditional pass: the slide to SLIDE_RATIO
         out = AttractorRepulsion(strength=strength, neighbours=2)(_state(x, (x - x0) / sigma, sigma, ref))
         new_x0 = x - sigma * out.prediction
-        assert math.isclose(float(nn_ratio(new_x0, ref)[0]), strength, rel_tol=1e-4)
+        assert math.isclose(float(nn_ratio(new_x0, ref)[0]), SLIDE_RATIO, rel_tol=1e-4)
         assert out.telemetry["slid"].tolist() == [1.0]
 
 

@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a folder written by scripts/train_default.py (default: embedded)")
     parser.add_argument("--grid", choices=["default", "quick"], default="default",
                         help="quick: plain, the Jain presets and AttractorRepulsion only")
-    parser.add_argument("--rare-samples", type=int, default=64, help="samples per rare class")
-    parser.add_argument("--frequent-samples", type=int, default=16,
+    parser.add_argument("--rare-samples", type=int, default=128, help="samples per rare class")
+    parser.add_argument("--frequent-samples", type=int, default=48,
                         help="samples per frequent class")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale")
