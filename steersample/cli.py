@@ -15,6 +15,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 # module names under steersample.commands, in the order --help shows them
 COMMANDS: tuple[str, ...] = (
+    "compare",
     "phase",
     "analyze",
     "demo",
