@@ -273,8 +273,9 @@ class AttractorRepulsion:
             posterior test and as hull vertices.
 
     Telemetry (per sample, every step): ``active`` (1 where flagged), ``slid`` (1 where the
-    ridge slide acted), ``ratio`` (x̂₀'s d(NN₁)/d(NN₂) before steering), ``top1``
-    (posterior top-1 weight over the neighbours).
+    ridge slide acted), ``ratio`` (x̂₀'s d(NN₁)/d(NN₂) before steering) and ``top1``
+    (posterior top-1 weight over the neighbours), both NaN for samples flagged earlier in the
+    run (they are not tested again).
 
     Sources: classifier-free guidance inside the attraction basin causes the copy (Jain et al.,
     arXiv 2411.16738; here switched off per sample, and only once the sample is in the basin);
@@ -337,13 +338,20 @@ class AttractorRepulsion:
         y = x / (1.0 - sigma)
         noise = sigma / (1.0 - sigma)
 
-        # attractor test: x̂₀ sits next to one sample, d(NN₁)/d(NN₂) small
-        ratio = _ratio(nearest(reference, x0_hat, 2, search_labels)[0])
-        # refinement test: oracle posterior of (x_σ, σ) over the K nearest samples of y,
-        # γ_k ∝ exp(−‖y − x⁽ᵏ⁾‖² / (2 (σ/(1 − σ))²))
-        dist, idx = nearest(reference, y, k, search_labels)
-        top1 = torch.softmax(-dist.square() / (2.0 * noise * noise), dim=1)[:, 0]
-        falling = (top1 >= REFINEMENT_TOP1) & (ratio < self.trigger)
+        def labels_of(rows: torch.Tensor) -> torch.Tensor | None:
+            return None if search_labels is None else search_labels[rows]
+
+        # the tests run on the samples not flagged yet (all of them without a run)
+        ratio, top1 = zeros + math.nan, zeros + math.nan
+        test = torch.arange(batch) if flagged is None else (~flagged).nonzero().flatten()
+        if test.numel():
+            # attractor test: x̂₀ sits next to one sample, d(NN₁)/d(NN₂) small
+            ratio[test] = _ratio(nearest(reference, x0_hat[test], 2, labels_of(test))[0])
+            # refinement test: oracle posterior of (x_σ, σ) over the K nearest samples of y,
+            # γ_k ∝ exp(−‖y − x⁽ᵏ⁾‖² / (2 (σ/(1 − σ))²))
+            dist = nearest(reference, y[test], k, labels_of(test))[0]
+            top1[test] = torch.softmax(-dist.square() / (2.0 * noise * noise), dim=1)[:, 0]
+        falling = (top1 >= REFINEMENT_TOP1) & (ratio < self.trigger)       # NaN compares False
         if memory is None:
             active = falling
         else:   # in a run: flag after two consecutive steps, then keep the flag
@@ -362,12 +370,14 @@ class AttractorRepulsion:
             pred[dev_rows] = v_u + (1.0 - self.strength) * (v_c - v_u)
             x0_hat = layout.unpack(state.latents - sigma * pred).detach().to("cpu", torch.float64)
         # 2. ridge slide where the estimate is still next to one sample
-        near = active & (_ratio(nearest(reference, x0_hat, 2, search_labels)[0]) < SLIDE_RATIO)
+        near = torch.zeros(batch, dtype=torch.bool)
+        near[rows] = _ratio(nearest(reference, x0_hat[rows], 2, labels_of(rows))[0]) < SLIDE_RATIO
         telemetry["slid"] = near.to(torch.float64)
         if bool(near.any()):
             rows = near.nonzero().flatten()
+            idx = nearest(reference, y[rows], k, labels_of(rows))[1]
             flat = reference.flat
-            verts = flat[idx[rows].flatten().to(flat.device)].to("cpu", torch.float64)
+            verts = flat[idx.flatten().to(flat.device)].to("cpu", torch.float64)
             verts = verts.reshape(rows.numel(), k, -1)
             hull_point = _capped_hull_point(y[rows].flatten(1), verts)
             # slide: replace only the tangential part of x̂₀ (within the neighbours' affine

@@ -150,8 +150,8 @@ def _sample(pipe, method: Method, labels, steps: int, seed: int, reference, dete
 
 
 def run_audit(pipe, reference, info, grid: Sequence[Method], *, rare_samples: int = 128,
-              frequent_samples: int = 48, steps: int = 30, seed: int = 0, timing_repeats: int = 2,
-              timing_samples: int = 96, progress: Callable[[str], Any] | None = None,
+              frequent_samples: int = 48, steps: int = 30, seed: int = 0, timing_repeats: int = 3,
+              timing_samples: int = 192, progress: Callable[[str], Any] | None = None,
               world=None, batch_size: int = 64) -> AuditResult:
     """Run every grid point on ``pipe`` (the default model) and judge it.
 
@@ -243,27 +243,28 @@ def _timing(pipe, grid, reference, rare, steps, seed, repeats, batch, tick) -> d
 def select_best(audit: AuditResult) -> MethodResult:
     """The best steered setting by the issue's acceptance rule, in tiers:
 
-    1. rare copy rate ≤ 0.05, rare accuracy ≥ 0.9, rare FD ≤ 1.05 × plain, frequent FD within
-       2 % of plain and frequent copy rate ≤ plain's: the lowest rare FD;
-    2. else the same without the rare-FD limit: the lowest rare FD;
-    3. else the lowest rare copy rate among methods with rare accuracy ≥ 0.9 (or all).
-    Ties go to the lower rare copy rate, then the earlier grid point.
+    1. rare copy rate ≤ 0.05, rare accuracy ≥ max(0.9, the Jain presets' rare accuracy),
+       frequent FD within 2 % of plain, frequent copy rate ≤ plain's and rare FD ≤ 1.05 × plain;
+    2. the same without the rare-FD limit;
+    3. the same with the accuracy floor at 0.9 only;
+    within a tier the lowest rare FD wins (then the lower copy rate). Failing all tiers: the
+    lowest rare copy rate among methods with rare accuracy ≥ 0.9 (or all).
     """
     plain = _plain(audit)
     steered = [r for r in audit.results if r.method.name != "plain"]
     if not steered:
         raise ValueError("the grid has no steered method to choose from; add one besides 'plain'")
+    jain = [r.rare.accuracy for r in audit.results if r.method.family.startswith("jain")]
+    floor = max([0.9] + jain)
 
-    def frequent_unchanged(r: MethodResult) -> bool:
-        return (abs(r.frequent.fd / plain.frequent.fd - 1.0) <= 0.02
+    def works(r: MethodResult, accuracy: float) -> bool:
+        return (r.rare.copy_rate <= 0.05 and r.rare.accuracy >= accuracy
+                and abs(r.frequent.fd / plain.frequent.fd - 1.0) <= 0.02
                 and r.frequent.copy_rate <= plain.frequent.copy_rate)
 
-    def works(r: MethodResult) -> bool:
-        return r.rare.copy_rate <= 0.05 and r.rare.accuracy >= 0.9 and frequent_unchanged(r)
-
-    tier1 = [r for r in steered if works(r) and r.rare.fd <= 1.05 * plain.rare.fd]
-    tier2 = [r for r in steered if works(r)]
-    for pool in (tier1, tier2):
+    tiers = ([r for r in steered if works(r, floor) and r.rare.fd <= 1.05 * plain.rare.fd],
+             [r for r in steered if works(r, floor)], [r for r in steered if works(r, 0.9)])
+    for pool in tiers:
         if pool:
             return min(pool, key=lambda r: (r.rare.fd, r.rare.copy_rate))
     pool = [r for r in steered if r.rare.accuracy >= 0.9] or steered

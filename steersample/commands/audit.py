@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale")
     parser.add_argument("--seed", type=int, default=0, help="seed of sample 0 (then +1 each)")
-    parser.add_argument("--timing-repeats", type=int, default=2,
+    parser.add_argument("--timing-repeats", type=int, default=3,
                         help="interleaved timing passes per method (0: no timing)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="FOLDER",
                         help="output folder")
@@ -169,7 +169,8 @@ def render_markdown(summary: dict) -> str:
             f"{_f(r['seconds'], 2)} | {ratio} | {_f(r['cpu_seconds'], 2)} |")
     lines += ["", f"Best steered setting: **{summary['best']}** (the issue's limits in tiers: "
               "rare copy <= 0.05, rare accuracy >= 0.9, frequent FD within 2 % and frequent "
-              "copy unchanged, then the lowest rare FD; see `steersample.audit.select_best`). "
+              "copy unchanged, rare accuracy at least the Jain presets', then the lowest rare FD; see "
+              "`steersample.audit.select_best`). "
               "The sheet shows rare-class samples: nearest training image of each plain sample, "
               "plain, Jain delayed, Jain opposite, best.", "", "## Detection on plain sampling", "",
               "AUROC / TPR at 1 % FPR of \"this sample is a copy\" from each detector's score "
