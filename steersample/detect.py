@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 
-from steersample.attractor import class_neighbour_count, nearest
+from steersample.hull import class_neighbour_count, nearest
 from steersample.representation import RepresentationRun
 from steersample.steering import SteeringOutput
 

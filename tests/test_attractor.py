@@ -11,9 +11,9 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from steersample import attractor
-from steersample.attractor import (SLIDE_RATIO, AttractorRepulsion, nearest,
-                                   project_capped_simplex, project_to_capped_hull)
+from steersample import hull
+from steersample.attractor import SLIDE_RATIO, AttractorRepulsion
+from steersample.hull import nearest, project_capped_simplex, project_to_capped_hull, span_basis
 from steersample.data import load_digits
 from steersample.guidance import GuidanceSchedule
 from steersample.metrics import nn_ratio
@@ -79,7 +79,7 @@ def test_hull_projection_keeps_points_inside_the_hull():
 @pytest.mark.parametrize("dense", [True, False])
 @pytest.mark.parametrize("labelled", [True, False])
 def test_nearest_matches_faiss_search(dense, labelled, monkeypatch):
-    monkeypatch.setattr(attractor, "DENSE_SEARCH_ELEMENTS", 1 << 30 if dense else 0)
+    monkeypatch.setattr(hull, "DENSE_SEARCH_ELEMENTS", 1 << 30 if dense else 0)
     ref = ReferenceSet(torch.randn(40, 2, 3, generator=gen(1)), torch.arange(40) % 3)
     q = torch.randn(7, 2, 3, generator=gen(2), dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0]) if labelled else None
@@ -245,3 +245,13 @@ def test_turns_every_copy_of_a_memoriser_into_a_novel_sample(digits_oracle):
     # it acted in refinement only: never at the first (pure-noise) step
     active = torch.stack([s.scores["attractor.active"] for s in tel.steps])
     assert float(active[0].sum()) == 0.0 and float(active[-1].mean()) == 1.0
+
+
+def test_span_basis_is_orthonormal_and_drops_duplicates():
+    verts = torch.tensor([[[0.0, 0, 0], [1, 0, 0], [1, 0, 0], [0, 2, 0]]], dtype=torch.float64)
+    basis = span_basis(verts)[0]
+    gram = basis.T @ basis
+    kept = gram.diagonal() > 0.5
+    assert int(kept.sum()) == 2                                        # a plane, not 3 directions
+    assert torch.allclose(gram[kept][:, kept], torch.eye(2, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(basis[2], torch.zeros(4, dtype=torch.float64), atol=1e-9)   # no z

@@ -124,7 +124,7 @@ def test_missing_model_folder(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- the default model
 def test_attractor_repulsion_removes_rare_class_copies_of_the_default_model():
-    """End to end on the embedded default: same seeds, plain CFG versus AttractorRepulsion."""
+    """End to end on the embedded default: same seeds, plain CFG 4 versus AttractorRepulsion."""
     from steersample.default import load_default, load_default_info
     from steersample.judge import class_accuracy, copy_flags
 
@@ -133,11 +133,11 @@ def test_attractor_repulsion_removes_rare_class_copies_of_the_default_model():
         pipe, reference = load_default()
     except (FileNotFoundError, ValueError) as err:
         pytest.skip(f"no embedded default model: {err}")
-    labels = torch.tensor(info.rare_classes).repeat_interleave(6)
+    labels = torch.tensor(info.rare_classes).repeat_interleave(5)
 
     def run(steering):
         gens = [torch.Generator().manual_seed(k) for k in range(len(labels))]
-        return pipe(class_labels=labels, num_inference_steps=20, guidance=2.0, generator=gens,
+        return pipe(class_labels=labels, num_inference_steps=16, guidance=4.0, generator=gens,
                     output_type="latent", steering=steering, reference=reference).images.clamp(-1, 1)
 
     plain, steered = run(None), run([AttractorRepulsion()])

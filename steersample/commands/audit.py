@@ -212,7 +212,7 @@ def render_pareto(audit, best) -> bytes:
         for family in dict.fromkeys(r.method.family for r in audit.results):
             pts = [r for r in audit.results if r.method.family == family]
             ax.plot([r.rare.copy_rate for r in pts], [getattr(r.rare, field) for r in pts],
-                    markers.get(family, "o") + ("-" if family == "attractor" else ""),
+                    markers.get(family, "o"),
                     label=family, ms=7)
             for r in pts:
                 ax.annotate(r.method.name.replace("attractor", "AR").replace("representation", "RS"),
@@ -246,7 +246,7 @@ def render_sheet(audit, best, reference, per_row: int = 24) -> bytes:
     plain = rows[0].samples[pick]
     _, idx = reference.nearest(plain.float(), k=1)
     grids = [reference.latents[idx[:, 0]].float().cpu()] + [r.samples[pick] for r in rows]
-    scale, pad = 4, 2
+    scale, pad = 6, 2
     tile = 8 * scale + pad
     img = np.full((len(grids) * tile + pad, len(pick) * tile + pad), 255, dtype=np.uint8)
     for i, g in enumerate(grids):
