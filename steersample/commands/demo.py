@@ -9,6 +9,7 @@ The page never accepts filesystem paths; models are chosen only at launch. Binds
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 __all__ = ["NAME", "HELP", "add_arguments", "run"]
@@ -34,10 +35,8 @@ def run(args: argparse.Namespace) -> int:
         if not folder.is_dir():
             raise FileNotFoundError(f"--model {str(folder)!r} is not a folder; pass a diffusers "
                                     "pipeline folder or one written by scripts/train_default.py")
-    try:
-        import gradio  # noqa: F401  (the studio's one heavy dependency, imported only here)
-    except ImportError as err:
-        raise ValueError('the studio needs gradio: pip install "steersample[studio]"') from err
+    if importlib.util.find_spec("gradio") is None:   # the studio's one heavy dependency
+        raise ValueError('the studio needs gradio: pip install "steersample[studio]"')
     from steersample.studio.app import build_app, launch
 
     demo = build_app(model_paths=[str(m) for m in args.model])
