@@ -31,6 +31,7 @@ from steersample.pipelines._common import (
     per_run_scheduler,
     resolve_guidance,
     uses_uncond,
+    wants_telemetry,
 )
 from steersample.sampling import Conditioning, sample
 from steersample.steering import resolve_steering
@@ -146,7 +147,7 @@ class SteeredFlowPipeline(DiffusionPipeline):
         guidance: Any = None,
         steering: Any = None,
         reference: Any = None,
-        return_telemetry: bool = False,
+        return_telemetry: bool | None = None,
     ):
         """Generate one image per class label.
 
@@ -164,7 +165,9 @@ class SteeredFlowPipeline(DiffusionPipeline):
             guidance: ``GuidanceSchedule`` or float.
             steering: steerers or registry names, applied in order.
             reference: ``ReferenceSet`` in this pipeline's latent layout ``(C, H, W)``.
-            return_telemetry: attach ``steersample.Telemetry`` as ``output.telemetry``.
+            return_telemetry: None (default) attaches ``steersample.Telemetry`` as
+            ``output.telemetry``; True also returns it in the ``return_dict=False`` tuple; False
+            records none (fastest).
         """
         # 1. validate everything before any model call
         schedule = resolve_guidance(guidance, guidance_scale, 4.0, "guidance_scale")
@@ -225,7 +228,7 @@ class SteeredFlowPipeline(DiffusionPipeline):
             pipeline=self,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            return_telemetry=return_telemetry,
+            return_telemetry=wants_telemetry(return_dict, return_telemetry),
         )
 
         # 5. decode

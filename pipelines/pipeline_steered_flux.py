@@ -36,6 +36,7 @@ from steersample.pipelines._common import (
     per_run_scheduler,
     resolve_guidance,
     uses_uncond,
+    wants_telemetry,
 )
 from steersample.sampling import Conditioning, LatentLayout, sample
 from steersample.steering import resolve_steering
@@ -101,7 +102,7 @@ class SteeredFluxPipeline(FluxPipeline):
         guidance: Any = None,
         steering: Any = None,
         reference: Any = None,
-        return_telemetry: bool = False,
+        return_telemetry: bool | None = None,
     ):
         """Stock ``FluxPipeline.__call__`` plus ``guidance``, ``steering``, ``reference`` and
         ``return_telemetry`` (see the module docstring)."""
@@ -252,7 +253,7 @@ class SteeredFluxPipeline(FluxPipeline):
             pipeline=self,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            return_telemetry=return_telemetry,
+            return_telemetry=wants_telemetry(return_dict, return_telemetry),
         )
 
         # 7. decode as the stock pipeline does

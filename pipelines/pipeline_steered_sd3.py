@@ -30,6 +30,7 @@ from steersample.pipelines._common import (
     per_run_scheduler,
     resolve_guidance,
     uses_uncond,
+    wants_telemetry,
 )
 from steersample.sampling import Conditioning, StepState, sample
 from steersample.steering import SteeringOutput, resolve_steering
@@ -80,7 +81,9 @@ class SteeredStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         steering: steerers or registry names, applied in order after guidance.
         reference: ``ReferenceSet`` of latents shaped like this call's latents
             ``(C, H / 8, W / 8)``, in the transformer's (scaled) latent space.
-        return_telemetry: attach ``steersample.Telemetry`` as ``output.telemetry``.
+        return_telemetry: None (default) attaches ``steersample.Telemetry`` as
+            ``output.telemetry``; True also returns it in the ``return_dict=False`` tuple; False
+            records none (fastest).
 
     Callbacks (``callback_on_step_end``) see and may replace ``latents`` and the *conditional*
     ``prompt_embeds`` / ``pooled_prompt_embeds`` (the stock pipeline hands them the
@@ -138,7 +141,7 @@ class SteeredStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         guidance: Any = None,
         steering: Any = None,
         reference: Any = None,
-        return_telemetry: bool = False,
+        return_telemetry: bool | None = None,
     ):
         """Stock ``StableDiffusion3Pipeline.__call__`` plus ``guidance``, ``steering``,
         ``reference`` and ``return_telemetry`` (see the class docstring)."""
@@ -270,7 +273,7 @@ class SteeredStableDiffusion3Pipeline(StableDiffusion3Pipeline):
             pipeline=self,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            return_telemetry=return_telemetry,
+            return_telemetry=wants_telemetry(return_dict, return_telemetry),
         )
 
         # 7. decode as the stock pipeline does

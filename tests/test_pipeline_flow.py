@@ -168,6 +168,7 @@ def test_shared_scheduler_is_not_mutated(pipe):
         (dict(class_labels=[1], guidance_scale=3.0, guidance=GuidanceSchedule(scale=5.0)), ValueError,
          "pass only one"),
         (dict(class_labels=[1], guidance="strong"), TypeError, "GuidanceSchedule or a number"),
+        (dict(class_labels=[1], return_telemetry="yes"), TypeError, "return_telemetry must be True, False or None"),
         (dict(class_labels=[1], steering=["no-such-steerer"]), ValueError, "unknown steerer"),
         (dict(class_labels=[1], callback_on_step_end_tensor_inputs=["prompt_embeds"]), ValueError,
          "callback_on_step_end_tensor_inputs"),

@@ -155,7 +155,10 @@ def test_outputs_and_telemetry_shapes(steered):
     tel = out.telemetry
     assert tel.sigmas.shape == (STEPS,) and tel.steering_magnitude.shape == (STEPS, 2)
     assert tel.oracle_top1 is None and tel.final is None
-    assert steered(prompt=PROMPTS, height=8, width=8, num_inference_steps=2).telemetry is None
+    assert steered(prompt=PROMPTS, height=8, width=8, num_inference_steps=2,
+                   return_telemetry=False).telemetry is None
+    default = steered(prompt=PROMPTS, height=8, width=8, num_inference_steps=2)
+    assert default.telemetry is not None and default.telemetry.sigmas.shape == (2,)
     images, telemetry = steered(prompt=PROMPTS, height=8, width=8, num_inference_steps=2,
                                 return_dict=False, return_telemetry=True)
     assert len(images) == 2 and len(telemetry.steps) == 2
