@@ -25,6 +25,16 @@ condition-specific refinement is what snaps onto the few training samples of a r
 2411.16738), while the unconditional model, fitted to all the data, refines details without
 snapping. The layout the navigation stage chose is kept; no image is damaged.
 
+**Scarce conditions skip CFG in navigation.** A condition with fewer than ``scarce`` reference
+samples (the samples of the sample's class in a labelled reference set: the effective count of
+the class-conditional oracle posterior at σ = 1) cannot be generalised by the model, and
+classifier-free guidance in the navigation stage is what drives such a sample into the basin of
+one of them and exaggerates its layout (Jain et al., arXiv 2411.16738). While σ >
+``navigation_sigma`` (Jain et al.'s static transition, t = 500 of 1000), samples of a scarce
+condition use the conditional prediction alone (guidance scale 1): Jain et al.'s delayed
+guidance, per sample. Samples of other conditions, and every sample of an unlabelled call or
+reference set (text prompts: use ``GuidanceSchedule.delayed`` there), are untouched.
+
 **Slide along the ridge** (the guarantee, and the only tool where a step has no unconditional
 pass). Where a flagged sample's estimate is still within ratio ``SLIDE_RATIO`` of one sample,
 x̂₀ moves along the ridge between training samples (He, Qiu, Tao, arXiv 2602.06021,
@@ -55,6 +65,7 @@ capped-simplex projection) for the samples that slide; no extra model evaluation
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -119,8 +130,14 @@ class AttractorRepulsion:
             around 0.9, copies near 0).
         neighbours: K, the nearest reference samples of y = x_σ/(1 − σ) used for the
             posterior test and as hull vertices.
+        scarce: an int ≥ 0; samples whose class has fewer reference samples than this skip
+            CFG (use guidance scale 1) while σ > ``navigation_sigma`` (default 32; 0 turns
+            this off). Needs class labels on the call and the reference set.
+        navigation_sigma: in (0, 1); where the navigation stage ends for scarce conditions
+            (default 0.5, Jain et al.'s static transition).
 
-    Telemetry (per sample, every step): ``active`` (1 where flagged), ``slid`` (1 where the
+    Telemetry (per sample, every step): ``scarce`` (1 where the sample's condition is scarce
+    and CFG was skipped at this step), ``active`` (1 where flagged), ``slid`` (1 where the
     ridge slide acted), ``ratio`` (x̂₀'s d(NN₁)/d(NN₂) before steering) and ``top1``
     (posterior top-1 weight over the neighbours), both NaN for samples flagged earlier in the
     run (they are not tested again).
@@ -135,7 +152,8 @@ class AttractorRepulsion:
     name: ClassVar[str] = "attractor"
     needs_reference: ClassVar[bool] = True
 
-    def __init__(self, strength: float = 1.0, trigger: float = 0.8, neighbours: int = 4) -> None:
+    def __init__(self, strength: float = 1.0, trigger: float = 0.8, neighbours: int = 4,
+                 scarce: int = 32, navigation_sigma: float = 0.5) -> None:
         self.strength = _check_strength(strength, "strength")
         if isinstance(trigger, bool) or not isinstance(trigger, numbers.Real) or not (
             math.isfinite(float(trigger)) and 0.0 < float(trigger) <= 1.0
@@ -148,10 +166,25 @@ class AttractorRepulsion:
         if isinstance(neighbours, bool) or not isinstance(neighbours, numbers.Integral) or neighbours < 2:
             raise ValueError(f"neighbours must be an int >= 2, got {neighbours!r}; e.g. neighbours=4")
         self.neighbours = int(neighbours)
+        if isinstance(scarce, bool) or not isinstance(scarce, numbers.Integral) or scarce < 0:
+            raise ValueError(
+                f"scarce must be an int >= 0 (a count of reference samples per class), got "
+                f"{scarce!r}; e.g. scarce=32, or 0 to never skip CFG in navigation"
+            )
+        self.scarce = int(scarce)
+        if isinstance(navigation_sigma, bool) or not isinstance(navigation_sigma, numbers.Real) or not (
+            math.isfinite(float(navigation_sigma)) and 0.0 < float(navigation_sigma) < 1.0
+        ):
+            raise ValueError(
+                f"navigation_sigma must be a noise level in (0, 1), got {navigation_sigma!r}; "
+                f"e.g. navigation_sigma=0.5"
+            )
+        self.navigation_sigma = float(navigation_sigma)
 
     def __repr__(self) -> str:
         return (f"AttractorRepulsion(strength={self.strength:g}, trigger={self.trigger:g}, "
-                f"neighbours={self.neighbours})")
+                f"neighbours={self.neighbours}, scarce={self.scarce}, "
+                f"navigation_sigma={self.navigation_sigma:g})")
 
     def bind(self, pipeline: Any) -> "AttractorRun":
         """The per-run steerer (holds which samples are flagged); the sampling loop calls this."""
@@ -160,6 +193,20 @@ class AttractorRepulsion:
     def __call__(self, state: "StepState") -> SteeringOutput:
         output, _ = self.step(state, None)
         return output
+
+    def scarce_samples(self, reference: Any, labels: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """``(B,)`` bool: samples whose class holds fewer than ``scarce`` reference samples
+        (all False without labels on the call or on the reference set, or with ``scarce=0``)."""
+        ref_labels = getattr(reference, "labels", None)
+        if self.scarce == 0 or labels is None or ref_labels is None:
+            return torch.zeros(batch, dtype=torch.bool)
+        labels = labels.detach().cpu().long().reshape(-1)
+        counts = torch.bincount(ref_labels.detach().cpu().long(),
+                                minlength=int(labels.max()) + 1 if labels.numel() else 1)
+        known = (labels >= 0) & (labels < counts.numel())
+        out = torch.zeros(batch, dtype=torch.bool)
+        out[known] = counts[labels[known]] < self.scarce
+        return out
 
     def step(self, state: "StepState", memory: "Flags | None"
              ) -> tuple[SteeringOutput, "Flags | None"]:
@@ -175,8 +222,17 @@ class AttractorRepulsion:
         batch = state.latents.shape[0]
         sigma = float(state.sigma)
         zeros = torch.zeros(batch, dtype=torch.float64)
-        idle = {"active": zeros if flagged is None else flagged.double(), "slid": zeros,
-                "ratio": zeros + math.nan, "top1": zeros + math.nan}
+        # scarce conditions: no CFG while σ > navigation_sigma (per-sample delayed guidance)
+        delayed = torch.zeros(batch, dtype=torch.bool)
+        if self.strength > 0.0 and sigma > self.navigation_sigma:
+            delayed = self.scarce_samples(reference, state.labels, batch)
+            if bool(delayed.any()):
+                pred = state.pred.clone()
+                dev_rows = delayed.nonzero().flatten().to(pred.device)
+                pred[dev_rows] = state.pred_cond[dev_rows]
+                state = dataclasses.replace(state, pred=pred)
+        idle = {"scarce": delayed.double(), "active": zeros if flagged is None else flagged.double(),
+                "slid": zeros, "ratio": zeros + math.nan, "top1": zeros + math.nan}
         k, search_labels = class_neighbour_count(reference, state.labels, self.neighbours)
         if self.strength == 0.0 or sigma >= 1.0 - 1e-6 or sigma <= 0.0 or k < 2:
             return SteeringOutput(state.pred, idle), memory
@@ -205,15 +261,18 @@ class AttractorRepulsion:
         else:   # in a run: flag after two consecutive steps, then keep the flag
             active = memory.flagged | (falling & memory.falling)
         memory = Flags(flagged=active, falling=falling)
-        telemetry = {"active": active.to(torch.float64), "slid": zeros, "ratio": ratio, "top1": top1}
+        telemetry = {"scarce": delayed.double(), "active": active.to(torch.float64), "slid": zeros,
+                     "ratio": ratio, "top1": top1}
         if not bool(active.any()):
             return SteeringOutput(state.pred, telemetry), memory
 
-        # 1. flagged samples: guidance scale 1 − strength (the unconditional model at 1)
+        # 1. flagged samples: guidance scale 1 − strength (the unconditional model at 1); not
+        # while a scarce sample's navigation runs without CFG (as with a delayed schedule)
         pred = state.pred.clone()
         rows = active.nonzero().flatten()
-        dev_rows = rows.to(pred.device)
-        if state.pred_uncond is not None:
+        switch = rows[~delayed[rows]]
+        dev_rows = switch.to(pred.device)
+        if state.pred_uncond is not None and switch.numel():
             v_u, v_c = state.pred_uncond[dev_rows], state.pred_cond[dev_rows]
             pred[dev_rows] = v_u + (1.0 - self.strength) * (v_c - v_u)
             x0_hat = layout.unpack(state.latents - sigma * pred).detach().to("cpu", torch.float64)

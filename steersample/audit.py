@@ -32,7 +32,7 @@ from steersample.guidance import GuidanceSchedule
 from steersample.representation import RepresentationSteering
 
 __all__ = ["Method", "default_grid", "quick_grid", "MethodResult", "AuditResult", "run_audit",
-           "select_best", "targets", "REFERENCE_FREE", "DETECTOR_FRACTIONS"]
+           "select_best", "targets", "BEST_STRENGTH", "REFERENCE_FREE", "DETECTOR_FRACTIONS"]
 
 REFERENCE_FREE = ("cond_deviation", "spikiness")
 DETECTOR_FRACTIONS = (0.1, 0.2, 0.5, 1.0)
@@ -52,16 +52,21 @@ class Method:
     steering: tuple = ()
 
 
+BEST_STRENGTH = 0.5
+"""AttractorRepulsion strength of the best measured setting on the default model (CFG 4)."""
+
+
 def default_grid(w: float) -> tuple[Method, ...]:
     """Plain CFG ``w``; Jain et al.'s delayed and opposite presets; a CFG interval; CFG in
     navigation only (unconditional refinement for every sample); AttractorRepulsion at several
-    strengths and triggers; RepresentationSteering; combinations (14 grid points)."""
+    strengths and triggers, with and without its per-sample navigation delay for scarce classes;
+    RepresentationSteering; combinations (15 grid points)."""
     plain = GuidanceSchedule.constant(w)
     delayed = GuidanceSchedule.delayed(w, JAIN_DELAY_SIGMA)
     interval = GuidanceSchedule.interval(w, 0.4, 0.9)
 
-    def ar(strength: float = 1.0, trigger: float = 0.8) -> AttractorRepulsion:
-        return AttractorRepulsion(strength=strength, trigger=trigger)
+    def ar(strength: float = 1.0, trigger: float = 0.8, scarce: int = 32) -> AttractorRepulsion:
+        return AttractorRepulsion(strength=strength, trigger=trigger, scarce=scarce)
 
     grid = [
         Method("plain", "plain", None, plain),
@@ -72,22 +77,24 @@ def default_grid(w: float) -> tuple[Method, ...]:
         Method("cfg-navigation-only", "cfg-interval", None,
                GuidanceSchedule(scale=w, window=(0.6, 1.0), scale_below=0.0)),
     ]
-    grid += [Method(f"attractor-{s:g}", "attractor", s, plain, (ar(s),)) for s in (0.5, 1.0, 2.0)]
-    grid += [Method(f"attractor-1-trigger-{t:g}", "attractor", 1.0, plain, (ar(1.0, t),))
+    grid += [Method(f"attractor-{s:g}", "attractor", s, plain, (ar(s),)) for s in (0.25, 0.5, 1.0)]
+    grid += [Method(f"attractor-0.5-trigger-{t:g}", "attractor", 0.5, plain, (ar(0.5, t),))
              for t in (0.7, 0.9)]
-    grid += [Method(f"representation-{s:g}", "representation", s, plain,
-                    (RepresentationSteering(strength=s),)) for s in (0.5, 1.0)]
+    grid += [Method(f"attractor-{s:g}-no-delay", "attractor-no-delay", s, plain,
+                    (ar(s, 0.8 if s != 1.0 else 0.7, scarce=0),)) for s in (0.5, 1.0)]
+    grid += [Method("representation-0.5", "representation", 0.5, plain,
+                    (RepresentationSteering(strength=0.5),))]
     grid += [
-        Method("attractor-1+jain-delayed", "combination", 1.0, delayed, (ar(),)),
-        Method("attractor-1+representation-0.5", "combination", 1.0, plain,
-               (ar(), RepresentationSteering(strength=0.5))),
+        Method("attractor-0.5+jain-delayed", "combination", 0.5, delayed, (ar(0.5),)),
+        Method("attractor-0.5+representation-0.5", "combination", 0.5, plain,
+               (ar(0.5), RepresentationSteering(strength=0.5))),
     ]
     return tuple(grid)
 
 
 def quick_grid(w: float) -> tuple[Method, ...]:
-    """Plain, the two Jain presets and AttractorRepulsion at its default strength."""
-    keep = {"plain", "jain-delayed", "jain-opposite", "attractor-1"}
+    """Plain, the two Jain presets and AttractorRepulsion at the best measured strength."""
+    keep = {"plain", "jain-delayed", "jain-opposite", f"attractor-{BEST_STRENGTH:g}"}
     return tuple(m for m in default_grid(w) if m.name in keep)
 
 

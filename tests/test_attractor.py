@@ -255,3 +255,66 @@ def test_span_basis_is_orthonormal_and_drops_duplicates():
     assert int(kept.sum()) == 2                                        # a plane, not 3 directions
     assert torch.allclose(gram[kept][:, kept], torch.eye(2, dtype=torch.float64), atol=1e-9)
     assert torch.allclose(basis[2], torch.zeros(4, dtype=torch.float64), atol=1e-9)   # no z
+
+
+# ----------------------------------------------------------------------------- scarce conditions
+def _scarce_state(sigma, labels, labelled_reference=True):
+    """Class 0 holds 3 reference samples, class 1 holds 40; a guided step with cond != uncond."""
+    latents = torch.randn(43, 4, generator=gen(7))
+    ref = ReferenceSet(latents, torch.tensor([0] * 3 + [1] * 40) if labelled_reference else None)
+    b = len(labels)
+    x = torch.randn(b, 4, generator=gen(8))
+    v_c, v_u = torch.randn(b, 4, generator=gen(9)), torch.randn(b, 4, generator=gen(10))
+    v = v_u + 4.0 * (v_c - v_u)
+    state = StepState(step=1, num_steps=10, sigma=sigma, sigma_next=sigma - 0.1,
+                      timestep=torch.tensor(1000 * sigma), latents=x, pred=v, pred_cond=v_c,
+                      pred_uncond=v_u, guidance_scale=4.0,
+                      conditioning=Conditioning(cond={}, labels=torch.tensor(labels)),
+                      layout=LatentLayout((4,)), reference=ref)
+    return state, v, v_c
+
+
+def test_scarce_class_skips_cfg_in_navigation_only():
+    state, v, v_c = _scarce_state(0.8, [0, 1, 0, 1])
+    out = AttractorRepulsion(scarce=32, navigation_sigma=0.5)(state)
+    scarce = torch.tensor([True, False, True, False])
+    assert torch.equal(out.prediction[scarce], v_c[scarce])          # guidance scale 1
+    assert torch.equal(out.prediction[~scarce], v[~scarce])          # untouched, bit for bit
+    assert out.telemetry["scarce"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    # at or below navigation_sigma: no delay
+    state, v, _ = _scarce_state(0.5, [0, 1])
+    out = AttractorRepulsion(scarce=32, navigation_sigma=0.5)(state)
+    assert out.telemetry["scarce"].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("kwargs,labelled", [({"scarce": 0}, True), ({"scarce": 3}, True),
+                                             ({"strength": 0.0}, True), ({}, False)])
+def test_scarce_delay_off(kwargs, labelled):
+    """scarce=0, a class at the threshold (3 samples, scarce=3), strength 0, or an unlabelled
+    reference: the prediction passes through bit for bit."""
+    state, v, _ = _scarce_state(0.9, [0, 1], labelled_reference=labelled)
+    out = AttractorRepulsion(**kwargs)(state)
+    assert out.telemetry["scarce"].tolist() == [0.0, 0.0]
+    if "strength" in kwargs:
+        assert torch.equal(out.prediction, v)
+
+
+def test_scarce_samples_handles_unknown_labels():
+    state, _, _ = _scarce_state(0.9, [0, 1])
+    steerer = AttractorRepulsion(scarce=5)
+    got = steerer.scarce_samples(state.reference, torch.tensor([0, 1, 7]), 3)
+    assert got.tolist() == [True, False, True]      # a label with no reference samples is scarce
+    assert steerer.scarce_samples(state.reference, None, 2).tolist() == [False, False]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"scarce": -1}, "scarce must be an int >= 0"),
+    ({"scarce": 2.5}, "scarce must be an int >= 0"),
+    ({"scarce": True}, "scarce must be an int >= 0"),
+    ({"navigation_sigma": 0.0}, r"navigation_sigma must be a noise level in \(0, 1\)"),
+    ({"navigation_sigma": 1.0}, r"navigation_sigma must be a noise level in \(0, 1\)"),
+    ({"navigation_sigma": float("nan")}, r"navigation_sigma must be a noise level in \(0, 1\)"),
+])
+def test_bad_scarce_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AttractorRepulsion(**kwargs)

@@ -205,7 +205,8 @@ def render_pareto(audit, best) -> bytes:
     import matplotlib.pyplot as plt
 
     markers = {"plain": "s", "jain-delayed": "v", "jain-opposite": "^", "cfg-interval": "D",
-               "attractor": "o", "representation": "P", "combination": "X"}
+               "attractor": "o", "attractor-no-delay": "h", "representation": "P",
+               "combination": "X"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, field, label in ((axes[0], "fd", "rare-class FD to held-out digits (lower is better)"),
                              (axes[1], "accuracy", "rare-class accuracy (judge)")):
