@@ -37,6 +37,15 @@ def test_compare_end_to_end_writes_all_three_files(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "sheet.png"]
 
 
+def test_guidance_one_needs_no_unconditional_pass(tmp_path):
+    """Evaluations are counted on the transformer: at scale 1 there is one pass per step."""
+    out = tmp_path / "run"
+    assert _compare(*SMALL, "--guidance", "1", "--out", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["results"]["plain"]["model_evals_per_sample"] == 3
+    assert report["results"]["plain"]["model_evals"] == 3 * 6
+
+
 def test_same_seeds_give_the_same_report(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert _compare(*SMALL, "--out", str(a)) == 0

@@ -152,21 +152,35 @@ def _write_atomic(path: Path, data: bytes) -> None:
 # ----------------------------------------------------------------------------- generation
 def _generate(pipe, setting: Setting, labels: torch.Tensor, seeds: list[int], steps: int,
               bar, reference=None) -> tuple[torch.Tensor, int, float]:
-    """Samples (B, 1, 8, 8) in [-1, 1], model evaluations per sample, seconds."""
+    """Samples (B, 1, 8, 8) in [-1, 1], model evaluations per sample, seconds.
+
+    The time is what a user pays for this sampling call: no telemetry is recorded (with a
+    reference set that would add an exact-oracle pass per step). Model evaluations are counted
+    exactly by a forward hook on the transformer (rows seen / samples; a batched cond+uncond
+    call counts 2)."""
     generators = [torch.Generator().manual_seed(s) for s in seeds]
+    rows = [0]
+
+    def count(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rows[0] += int(hidden.shape[0])
 
     def on_step_end(pipeline, i, t, kwargs):
         if bar is not None:
             bar.update(1)
         return kwargs
 
-    start = time.perf_counter()
-    out = pipe(class_labels=labels, guidance=setting.guidance, steering=list(setting.steering),
-               reference=reference if setting.steering else None,
-               num_inference_steps=steps, generator=generators, output_type="latent",
-               return_telemetry=True, callback_on_step_end=on_step_end)
-    seconds = time.perf_counter() - start
-    return out.images.float().clamp(-1.0, 1.0), out.telemetry.total_model_evals, seconds
+    handle = pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        start = time.perf_counter()
+        out = pipe(class_labels=labels, guidance=setting.guidance, steering=list(setting.steering),
+                   reference=reference if setting.steering else None,
+                   num_inference_steps=steps, generator=generators, output_type="latent",
+                   return_telemetry=False, callback_on_step_end=on_step_end)
+        seconds = time.perf_counter() - start
+    finally:
+        handle.remove()
+    return out.images.float().clamp(-1.0, 1.0), rows[0] // len(seeds), seconds
 
 
 def run(args: argparse.Namespace) -> int:
