@@ -13,6 +13,7 @@ Every steered pipeline resolves its extra arguments the same way, before any mod
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -28,6 +29,7 @@ __all__ = [
     "per_run_scheduler",
     "uses_uncond",
     "finish",
+    "quiet_transformers",
     "wants_telemetry",
 ]
 
@@ -136,6 +138,26 @@ def check_latents(latents: torch.Tensor | None, shape: Sequence[int] | None = No
         )
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Transformers' logger at ERROR for the duration of one import, then restored.
+
+    Importing diffusers' SD3 pipeline module (for ``retrieve_timesteps``) builds transformers'
+    CLIP/SigLIP image processors, which warn on every run that torchvision is missing; none of
+    that concerns a steered pipeline's timesteps."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - diffusers without transformers
+        yield
+        return
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def per_run_scheduler(
     scheduler: Any,
     num_inference_steps: int | None,
@@ -148,9 +170,10 @@ def per_run_scheduler(
     Returns ``(scheduler_copy, timesteps)``. The copy keeps the run's step index and sigma grid
     off the shared pipeline, so one pipeline can serve concurrent calls.
     """
-    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
-        retrieve_timesteps,
-    )
+    with quiet_transformers():
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+            retrieve_timesteps,
+        )
 
     run_scheduler = copy.deepcopy(scheduler)
     timesteps, _ = retrieve_timesteps(

@@ -21,10 +21,10 @@ import torch
 from diffusers import DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models import AutoencoderKL
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 
 from steersample.pipelines._common import (
+    quiet_transformers,
     check_latents,
     check_reference,
     finish,
@@ -35,6 +35,9 @@ from steersample.pipelines._common import (
 )
 from steersample.sampling import Conditioning, sample
 from steersample.steering import resolve_steering
+
+with quiet_transformers():  # the SD3 module builds CLIP/SigLIP processors that warn without torchvision
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 __all__ = ["SteeredFlowPipeline"]
 

@@ -239,3 +239,17 @@ def test_progress_bar_is_the_pipelines_tqdm(capsys):
     pipe(class_labels=[1], num_inference_steps=4, output_type="latent")
     err = capsys.readouterr().err
     assert "denoise" in err and "4/4" in err
+
+
+def test_importing_and_running_the_pipeline_prints_no_transformers_warnings(tmp_path):
+    """diffusers' SD3 module (calculate_shift, retrieve_timesteps) builds transformers' image
+    processors, which warn without torchvision; the flow pipeline keeps that quiet."""
+    import subprocess
+    import sys
+
+    code = ("import torch, steersample.pipelines.pipeline_steered_flow as f\n"
+            "from steersample.pipelines._common import per_run_scheduler\n"
+            "from diffusers import FlowMatchEulerDiscreteScheduler\n"
+            "per_run_scheduler(FlowMatchEulerDiscreteScheduler(), 2, 'cpu')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "[transformers]" not in done.stderr and "torchvision" not in done.stderr
