@@ -336,23 +336,23 @@ class AttractorRun:
 
 
 def _capped_hull_point(y: torch.Tensor, verts: torch.Tensor) -> torch.Tensor:
-    """Capped-hull point ``(b, D)`` for the slide: cap 1/(1 + SLIDE_RATIO) first; rows whose
-    point is still nearer than SLIDE_RATIO to one vertex (several vertices share the rest of the
-    weight) are redone with lower caps, down to 1/K (the centroid)."""
-    k = verts.shape[1]
-    out = torch.empty(y.shape, dtype=verts.dtype)
-    todo = torch.arange(y.shape[0])
-    for cap in (1.0 / (1.0 + SLIDE_RATIO), 0.6, 0.5, 0.4, 1.0 / k):
-        cap = max(cap, 1.0 / k)
-        weights = project_to_capped_hull(y[todo], verts[todo], cap)
-        point = torch.einsum("bk,bkd->bd", weights, verts[todo])
-        dist = torch.sort((verts[todo] - point[:, None, :]).norm(dim=2), dim=1).values
-        ok = (_ratio(dist[:, :2]) >= SLIDE_RATIO) | (cap <= 1.0 / k)
-        out[todo[ok]] = point[ok]
-        todo = todo[~ok]
-        if todo.numel() == 0:
-            break
-    return out
+    """Capped-hull point ``(b, D)`` for the slide: the first cap of 1/(1 + SLIDE_RATIO), 0.6,
+    0.5, 0.4, 1/K whose point is not nearer than SLIDE_RATIO to one vertex (with a high cap,
+    several vertices can share the rest of the weight); 1/K (the centroid) always qualifies.
+    All caps are solved in one batched call (b x caps problems), which costs about what one
+    cap did."""
+    b, k = verts.shape[0], verts.shape[1]
+    caps = sorted({max(c, 1.0 / k) for c in (1.0 / (1.0 + SLIDE_RATIO), 0.6, 0.5, 0.4, 1.0 / k)},
+                  reverse=True)
+    n = len(caps)
+    cap = torch.tensor(caps, dtype=verts.dtype).repeat_interleave(b)              # (n b,)
+    verts_all = verts.repeat(n, 1, 1)
+    weights = project_to_capped_hull(y.repeat(n, 1), verts_all, cap)
+    point = torch.einsum("bk,bkd->bd", weights, verts_all)                        # (n b, D)
+    dist = torch.sort((verts_all - point[:, None, :]).norm(dim=2), dim=1).values
+    ok = (_ratio(dist[:, :2]) >= SLIDE_RATIO) | (cap <= 1.0 / k + 1e-12)
+    first = ok.reshape(n, b).to(torch.int8).argmax(0)                             # first cap that works
+    return point.reshape(n, b, -1)[first, torch.arange(b)]
 
 
 def _ratio(dist: torch.Tensor) -> torch.Tensor:
