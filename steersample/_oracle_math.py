@@ -50,34 +50,49 @@ def _best_candidates(flat: torch.Tensor, q: torch.Tensor, a: torch.Tensor, s2: t
                      cand: torch.Tensor, k: int, n: int, want_mean: bool) -> _TopK:
     """Exact float64 weights on each query's candidates ``cand`` (B, K'), keeping the best k.
 
-    l_j = -||x - a x_j||^2 / (2 s^2) from differences (cdist of x/a and x_j, times a), one
-    gather of the candidate rows per query, reused for the weighted sum.
+    l_j = -||x - a x_j||^2 / (2 s^2) from differences (distance of x/a and x_j, times a). The
+    candidate rows are gathered once for a block of queries, ``(b, K', D)`` with b·K'·D up to
+    ``_GATHER_ELEMENTS``, and reused for the weighted sum; a single query whose K'·D exceeds
+    that is handled alone in row blocks with two gathers.
     """
     b, dim = q.shape
     out = _TopK(*(torch.empty(b, dtype=torch.float64) for _ in range(4)),
                 A=torch.empty(b, dim, dtype=torch.float64) if want_mean else None,
                 best=torch.empty(b, dtype=torch.int64),
                 drop_max=torch.empty(b, dtype=torch.float64), bound=torch.empty(b, dtype=torch.float64))
-    for j in range(b):
-        if cand.shape[1] * dim > 4 * _GATHER_ELEMENTS:   # large K: blocked, two gathers
-            logits = torch.cat([_logits_rows(flat, q[j], a[j], s2[j], part)
-                                for part in torch.split(cand[j], max(1, _GATHER_ELEMENTS // dim))])
+    per_query = cand.shape[1] * dim
+    block = max(1, _GATHER_ELEMENTS // max(1, per_query))
+    for j0 in range(0, b, block):
+        sl = slice(j0, min(b, j0 + block))
+        if per_query > 4 * _GATHER_ELEMENTS:   # one large-K query: blocked, two gathers
+            logits = torch.cat([_logits_rows(flat, q[j0], a[j0], s2[j0], part)
+                                for part in torch.split(cand[j0], max(1, _GATHER_ELEMENTS // dim))])[None]
             rows = None
         else:
-            rows = flat[cand[j].to(flat.device)].to("cpu", torch.float64)
-            dist = torch.cdist(q[j:j + 1] / a[j], rows, compute_mode="donot_use_mm_for_euclid_dist")[0]
-            logits = -0.5 * (a[j] * dist).square() / s2[j]
-        logits, order = torch.sort(logits, descending=True)
-        logits, order = logits[:k], order[:k]
-        centred = logits - logits[0]
+            idx = cand[sl]
+            rows = flat[idx.reshape(-1).to(flat.device)].to("cpu", torch.float64).reshape(*idx.shape, dim)
+            dist = torch.cdist((q[sl] / a[sl, None])[:, None, :], rows,
+                               compute_mode="donot_use_mm_for_euclid_dist")[:, 0, :]    # (b', K')
+            logits = -0.5 * (a[sl, None] * dist).square() / s2[sl, None]
+        logits, order = torch.sort(logits, dim=1, descending=True)
+        logits, order = logits[:, :k], order[:, :k]
+        centred = logits - logits[:, :1]
         p = torch.exp(centred)
-        out.m[j], out.S[j], out.Q[j], out.H[j] = logits[0], p.sum(), p @ p, p @ centred
-        out.best[j] = cand[j, order[0]]
-        out.drop_max[j] = logits[-1] if k < n else -math.inf
-        out.bound[j] = (n - k) * torch.exp(centred[-1]) / out.S[j] if k < n else 0.0
+        S = p.sum(1)
+        out.m[sl], out.S[sl], out.Q[sl] = logits[:, 0], S, p.square().sum(1)
+        out.H[sl] = (p * centred).sum(1)
+        out.best[sl] = torch.gather(cand[sl], 1, order[:, :1])[:, 0]
+        if k < n:
+            out.drop_max[sl] = logits[:, -1]
+            out.bound[sl] = (n - k) * torch.exp(centred[:, -1]) / S
+        else:
+            out.drop_max[sl], out.bound[sl] = -math.inf, 0.0
         if want_mean:
-            out.A[j] = (p @ rows[order] if rows is not None
-                        else _weighted_rows(flat, cand[j, order][None], p[None])[0])
+            if rows is not None:
+                weights = torch.zeros(rows.shape[:2], dtype=torch.float64).scatter_(1, order, p)
+                out.A[sl] = torch.bmm(weights[:, None, :], rows)[:, 0, :]            # (b', D)
+            else:
+                out.A[sl] = _weighted_rows(flat, torch.gather(cand[sl], 1, order), p)
     return out
 
 

@@ -259,3 +259,38 @@ def test_posterior_is_a_frozen_dataclass_and_evaluate_agrees():
     out = oracle.evaluate(x, 0.5)
     assert torch.equal(out.posterior.index, post.index) and torch.equal(out.posterior.top1, post.top1)
     assert torch.equal(out.denoised, oracle.denoise(x, 0.5)) and torch.equal(out.velocity, oracle.velocity(x, 0.5))
+
+
+@pytest.mark.parametrize("want_mean", [True, False])
+def test_best_candidates_batched_equals_per_query_brute_force(monkeypatch, want_mean):
+    """The batched candidate kernel (one gather for a block of queries) against a per-query
+    float64 brute force, and against its own single-query blocked path (large K)."""
+    from steersample import _oracle_math as om
+
+    g = torch.Generator().manual_seed(3)
+    flat = torch.randn(50, 6, generator=g)
+    q = torch.randn(7, 6, generator=g, dtype=torch.float64)
+    a = torch.rand(7, generator=g, dtype=torch.float64) * 0.5 + 0.3
+    s2 = (1 - a).square()
+    cand = torch.stack([torch.randperm(50, generator=g)[:10] for _ in range(7)])
+    k = 6
+    got = om._best_candidates(flat, q, a, s2, cand, k, 50, want_mean)
+    for j in range(7):
+        rows = flat[cand[j]].double()
+        logits = -((q[j] - a[j] * rows).square().sum(1)) / (2 * s2[j])
+        top, order = torch.sort(logits, descending=True)
+        top, order = top[:k], order[:k]
+        p = torch.exp(top - top[0])
+        torch.testing.assert_close(got.S[j], p.sum(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(got.m[j], top[0], rtol=1e-12, atol=1e-12)
+        assert int(got.best[j]) == int(cand[j, order[0]])
+        torch.testing.assert_close(got.bound[j], (50 - k) * p[-1] / p.sum(), rtol=1e-12, atol=0)
+        if want_mean:
+            torch.testing.assert_close(got.A[j], p @ rows[order], rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(om, "_GATHER_ELEMENTS", 4)            # K'·D > 4·4: the blocked path
+    blocked = om._best_candidates(flat, q, a, s2, cand, k, 50, want_mean)
+    for name in ("m", "S", "Q", "H", "bound", "drop_max"):
+        torch.testing.assert_close(getattr(blocked, name), getattr(got, name), rtol=1e-12, atol=1e-12)
+    assert torch.equal(blocked.best, got.best)
+    if want_mean:
+        torch.testing.assert_close(blocked.A, got.A, rtol=1e-12, atol=1e-12)
