@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -180,6 +181,32 @@ class ReferenceIndex:
 
     def __init__(self, index, spec: IndexSpec, store_id: str = "") -> None:
         self.index, self.spec, self.store_id = index, spec, store_id
+        self._centroids: tuple | None = None   # (C, ||C||^2) torch float32, for coarse search
+        self._lock = threading.Lock()
+
+    def _coarse(self, keys: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Nearest ``nprobe`` IVF lists of each key, ``(Dq, Iq)`` (squared L2, ids), computed as
+        one torch GEMM + top-k over the centroids, or None where this does not apply (not a
+        bare IVF index, or a graph coarse quantizer). FAISS's flat quantizer returns the same
+        lists (up to float32 ties), but its small-k heap path costs about twice as much on a
+        batch of queries (3.1 vs 1.6 ms for 64 queries over 8,192 centroids, 64-d, one thread):
+        at N = 1e6 that is the difference between the top-k oracle step and a model forward."""
+        import faiss
+        import torch
+
+        if self.spec.coarse != "flat" or not isinstance(self.index, faiss.IndexIVF):
+            return None
+        if self._centroids is None:
+            quantizer = self.index.quantizer
+            c = torch.from_numpy(quantizer.reconstruct_n(0, quantizer.ntotal))
+            self._centroids = (c, c.square().sum(1))
+        c, c_sq = self._centroids
+        k = torch.from_numpy(keys)
+        # ||k - c||^2 = ||k||^2 + (||c||^2 - 2 k.c): rank on the bracket (one fused GEMM)
+        part = torch.addmm(c_sq[None, :], k, c.T, alpha=-2.0)
+        dq, iq = torch.topk(part, min(nprobe, c.shape[0]), dim=1, largest=False)
+        dq = (dq + k.square().sum(1, keepdim=True)).clamp_min(0.0)
+        return dq.numpy(), iq.numpy()
 
     @property
     def dim(self) -> int:
@@ -291,6 +318,13 @@ class ReferenceIndex:
             selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
             params.sel = selector
             want = min(want, int(np.asarray(ids).size))
+        elif spec.kind in ("ivf", "ivfpq"):
+            coarse = self._coarse(keys, params.nprobe)
+            if coarse is not None:
+                with self._lock:   # search_preassigned reads the index's own nprobe
+                    self.index.nprobe = coarse[1].shape[1]
+                    _, found = self.index.search_preassigned(keys, want, coarse[1], coarse[0])
+                return found
         _, found = self.index.search(keys, want, params=params)
         return found
 

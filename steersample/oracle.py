@@ -132,7 +132,7 @@ class EmpiricalOracle:
             )
         self.reference = reference
         # default: 1/64 of the reference per chunk, between 2^18 and 2^20 elements
-        elements = min(_CHUNK_ELEMENTS, max(_CHUNK_ELEMENTS // 4, reference.flat.numel() // 64))
+        elements = min(_CHUNK_ELEMENTS, max(_CHUNK_ELEMENTS // 4, len(reference) * reference.dim // 64))
         self.chunk_size = (check_positive_int(chunk_size, "chunk_size") if chunk_size is not None
                            else max(1, elements // reference.dim))
         self.top_k = None if top_k is None else check_positive_int(top_k, "top_k")
