@@ -168,3 +168,26 @@ def test_two_process_audit_writes_the_same_report_as_one_process(tmp_path):
     assert r1 == r2
     for name in ("sheet.png", "pareto.png"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_two_process_compare_writes_the_same_report_and_sheet_as_one_process(tmp_path):
+    model = tiny_model_folder(tmp_path / "model")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("WORLD_SIZE", None)
+    args = ["compare", "--model", str(model), "--classes", "2", "0", "--samples", "3", "--steps", "2",
+            "--batch-size", "2", "--sheet-samples", "2", "--no-progress"]
+    one = subprocess.run([sys.executable, "-m", "steersample.cli", *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(launch_command(2, "-m", "steersample.cli", *args, "--out", str(tmp_path / "two"),
+                                        port=_free_port()),
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1, r2 = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert r1.pop("processes") == 1 and r2.pop("processes") == 2
+    for report in (r1, r2):   # wall clock: the only figures allowed to differ
+        report.pop("seconds_total")
+        for run in report["results"].values():
+            run.pop("seconds")
+    assert r1 == r2
+    assert (tmp_path / "one" / "sheet.png").read_bytes() == (tmp_path / "two" / "sheet.png").read_bytes()

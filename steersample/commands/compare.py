@@ -12,6 +12,10 @@ diversity = mean pairwise distance.
 Writes into --out: sheet.png (plain | steered, each sample beside its nearest training image,
 copies framed in red), report.json and report.md. Existing files are replaced only once the
 new ones are complete; nothing else in the folder is touched.
+
+Data-parallel: `accelerate launch --multi_gpu --num_processes N -m steersample.cli compare ...`
+splits the seeds into fixed batches of --batch-size over the processes (CPU or GPUs) and the
+main process writes exactly the files a one-process run writes (timings aside).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ DEFAULT_GUIDANCE = 4.0
 DEFAULT_SAMPLES = 32
 DEFAULT_STEPS = 30
 DEFAULT_OUT = Path("steersample-out") / "compare"
+DEFAULT_BATCH = 64
 _SEED_STRIDE = 10_000  # sample k of class c uses seed + c * _SEED_STRIDE + k
 
 
@@ -98,6 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"base seed; sample k of class c uses seed + {_SEED_STRIDE}*c + k")
     parser.add_argument("--sheet-samples", type=int, default=8,
                         help="samples per class shown on the sheet")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
+                        help="samples per pipeline call (fixed, so any number of processes under "
+                             "`accelerate launch` writes the same report)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="FOLDER",
                         help="output folder for sheet.png, report.json and report.md")
     parser.add_argument("--no-progress", action="store_true",
@@ -109,10 +117,10 @@ def _validate(args: argparse.Namespace) -> list[int]:
     for c in classes:
         if not isinstance(c, int) or not 0 <= c <= 9:
             raise ValueError(f"class {c!r} is outside 0-9; pass --classes with digits 0-9")
-    for name in ("samples", "steps"):
+    for name in ("samples", "steps", "batch_size"):
         value = getattr(args, name)
         if value < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {value}")
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if args.samples < 2:
         raise ValueError(f"--samples must be at least 2 (diversity and FD need two), got {args.samples}")
     if args.sheet_samples < 0:
@@ -151,14 +159,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 # ----------------------------------------------------------------------------- generation
 def _generate(pipe, setting: Setting, labels: torch.Tensor, seeds: list[int], steps: int,
-              bar, reference=None) -> tuple[torch.Tensor, int, float]:
+              bar, reference=None, device: str | torch.device = "cpu") -> tuple[torch.Tensor, int, float]:
     """Samples (B, 1, 8, 8) in [-1, 1], model evaluations per sample, seconds.
 
     The time is what a user pays for this sampling call: no telemetry is recorded (with a
     reference set that would add an exact-oracle pass per step). Model evaluations are counted
     exactly by a forward hook on the transformer (rows seen / samples; a batched cond+uncond
     call counts 2)."""
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    from steersample.distributed import seeded_generators
+
+    generators = seeded_generators(seeds, device)
     rows = [0]
 
     def count(module, args, kwargs):
@@ -190,25 +200,45 @@ def run(args: argparse.Namespace) -> int:
     from steersample.default import held_out_digits, load_default, load_default_info
     from steersample.judge import judge
 
+    from steersample.distributed import Distributed
+
     classes = _validate(args)
-    _check_writable(args.out)
+    world = Distributed()   # several processes under `accelerate launch`, else this one
+    if world.is_main:
+        _check_writable(args.out)
     t0 = time.perf_counter()
     info = load_default_info(args.model)
     pipe, reference = load_default(args.model)
+    pipe.to(world.device)
     held_x, held_y = held_out_digits(info)
 
     labels = torch.tensor(classes).repeat_interleave(args.samples)
     seeds = [args.seed + _SEED_STRIDE * c + k for c in classes for k in range(args.samples)]
+    mine = sum(len(u) > 0 for u in world.my_units(len(seeds), args.batch_size))
     runs = {}
-    with tqdm(total=2 * args.steps, desc="compare", unit="step", disable=args.no_progress) as bar:
+    with tqdm(total=2 * args.steps * mine, desc="compare", unit="step",
+              disable=args.no_progress or not world.is_main) as bar:
         for setting in settings(args.guidance):
             bar.set_postfix_str(setting.name)
-            samples, evals, seconds = _generate(pipe, setting, labels, seeds, args.steps, bar,
-                                                reference)
-            report = judge(samples, labels, reference, held_x, held_y)
-            runs[setting.name] = (setting, samples, report, evals, seconds)
+            spent = [0.0]
+
+            def unit(items: range) -> dict[str, torch.Tensor]:
+                x, evals, seconds = _generate(pipe, setting, labels[items.start:items.stop],
+                                              seeds[items.start:items.stop], args.steps, bar,
+                                              reference, world.device)
+                spent[0] += seconds
+                return {"x": x, "evals": torch.full((len(items),), evals, dtype=torch.int64)}
+
+            merged = world.map(unit, len(seeds), args.batch_size)
+            if world.is_main:
+                samples = merged["x"]
+                report = judge(samples, labels, reference, held_x, held_y)
+                runs[setting.name] = (setting, samples, report, int(merged["evals"].max()), spent[0])
+    if not world.is_main:   # the main process judges and writes the merged results
+        return 0
 
     summary = summarise(runs, info, classes, args, seconds=time.perf_counter() - t0)
+    summary["processes"] = world.world_size
     sheet = render_sheet(runs, reference, classes, args.samples, args.sheet_samples, info)
     markdown = render_markdown(summary)
     # all three files exist in memory: only now replace anything on disk
