@@ -248,12 +248,15 @@ class AttractorRepulsion:
         # the tests run on the samples not flagged yet (all of them without a run)
         ratio, top1 = zeros + math.nan, zeros + math.nan
         test = torch.arange(batch) if flagged is None else (~flagged).nonzero().flatten()
+        # the K nearest reference samples of y for every sample: the posterior test of the
+        # samples not flagged yet and the hull vertices of those that slide (one search)
+        y_dist, y_idx = nearest(reference, y, k, search_labels)
         if test.numel():
             # attractor test: x̂₀ sits next to one sample, d(NN₁)/d(NN₂) small
             ratio[test] = _ratio(nearest(reference, x0_hat[test], 2, labels_of(test))[0])
             # refinement test: oracle posterior of (x_σ, σ) over the K nearest samples of y,
             # γ_k ∝ exp(−‖y − x⁽ᵏ⁾‖² / (2 (σ/(1 − σ))²))
-            dist = nearest(reference, y[test], k, labels_of(test))[0]
+            dist = y_dist[test]
             top1[test] = torch.softmax(-dist.square() / (2.0 * noise * noise), dim=1)[:, 0]
         falling = (top1 >= REFINEMENT_TOP1) & (ratio < self.trigger)       # NaN compares False
         if memory is None:
@@ -282,7 +285,7 @@ class AttractorRepulsion:
         telemetry["slid"] = near.to(torch.float64)
         if bool(near.any()):
             rows = near.nonzero().flatten()
-            idx = nearest(reference, y[rows], k, labels_of(rows))[1]
+            idx = y_idx[rows]
             flat = reference.flat
             verts = flat[idx.flatten().to(flat.device)].to("cpu", torch.float64)
             verts = verts.reshape(rows.numel(), k, -1)

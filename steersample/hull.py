@@ -27,9 +27,11 @@ __all__ = [
     "class_neighbour_count",
 ]
 
-HULL_ITERATIONS = 15
-"""Accelerated projected-gradient steps of the capped-hull projection (K variables); on digit
-neighbourhoods 15 steps put the hull point within 0.015 (l2, pixels in [-1, 1]) of the optimum."""
+HULL_ITERATIONS = 10
+"""Accelerated projected-gradient steps of the capped-hull projection (K variables). On 500
+noisy digit neighbourhoods (K = 4, caps 1/1.45 and 1/2) 10 steps put the hull point within
+0.12 (worst case, l2, pixels in [-1, 1]) of the 2,000-step optimum, 15 steps within 0.04; the
+audit's copy rate, accuracy and FD are the same with either, and 10 costs a third less."""
 
 DENSE_SEARCH_ELEMENTS = 1 << 22
 """Reference sets with N·D up to this many elements are searched with one float64 matmul
