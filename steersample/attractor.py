@@ -122,9 +122,11 @@ class AttractorRepulsion:
 
     Args:
         strength: ≥ 0; 0 switches the steerer off; flagged samples are refined at guidance
-            scale 1 − strength: 1 (default) is the unconditional model, values in (0, 1) keep
-            part of the condition (better class fidelity, more copies left to the slide),
-            values above 1 are opposite guidance (Jain et al.'s −2 is strength 3).
+            scale 1 − strength: 1 is the unconditional model, values in (0, 1) keep part of
+            the condition (better class fidelity, more copies left to the slide), values above
+            1 are opposite guidance (Jain et al.'s −2 is strength 3). Default 0.5, the best
+            setting of ``steersample audit`` on the embedded default (copy rate 0.956 -> 0,
+            class accuracy kept at 1.000, where strength 1 gives 0.964).
         trigger: flag a sample when its x̂₀ has d(NN₁)/d(NN₂) below this, in (0, 1]
             (default 0.8: early in the fall, before the copy is fixed; real unseen digits sit
             around 0.9, copies near 0).
@@ -152,7 +154,7 @@ class AttractorRepulsion:
     name: ClassVar[str] = "attractor"
     needs_reference: ClassVar[bool] = True
 
-    def __init__(self, strength: float = 1.0, trigger: float = 0.8, neighbours: int = 4,
+    def __init__(self, strength: float = 0.5, trigger: float = 0.8, neighbours: int = 4,
                  scarce: int = 32, navigation_sigma: float = 0.5) -> None:
         self.strength = _check_strength(strength, "strength")
         if isinstance(trigger, bool) or not isinstance(trigger, numbers.Real) or not (

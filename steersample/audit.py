@@ -53,7 +53,8 @@ class Method:
 
 
 BEST_STRENGTH = 0.5
-"""AttractorRepulsion strength of the best measured setting on the default model (CFG 4)."""
+"""AttractorRepulsion strength of the best measured setting on the default model (CFG 4); also
+the steerer's default."""
 
 
 def default_grid(w: float) -> tuple[Method, ...]:
