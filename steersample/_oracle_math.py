@@ -70,7 +70,7 @@ def _best_candidates(flat: torch.Tensor, q: torch.Tensor, a: torch.Tensor, s2: t
             rows = None
         else:
             idx = cand[sl]
-            rows = flat[idx.reshape(-1).to(flat.device)].to("cpu", torch.float64).reshape(*idx.shape, dim)
+            rows = _gather(flat, idx.reshape(-1)).reshape(*idx.shape, dim)
             dist = torch.cdist((q[sl] / a[sl, None])[:, None, :], rows,
                                compute_mode="donot_use_mm_for_euclid_dist")[:, 0, :]    # (b', K')
             logits = -0.5 * (a[sl, None] * dist).square() / s2[sl, None]
@@ -96,9 +96,16 @@ def _best_candidates(flat: torch.Tensor, q: torch.Tensor, a: torch.Tensor, s2: t
     return out
 
 
+def _gather(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``flat[idx]`` as float64 on the CPU. ``index_select``, not advanced indexing: on a
+    CPU tensor it is several times faster for scattered rows (64 x 72 rows of a 10^6 x 64
+    float32 store: 0.2 ms against 0.9-1.2 ms)."""
+    return torch.index_select(flat, 0, idx.to(flat.device)).to("cpu", torch.float64)
+
+
 def _logits_rows(flat: torch.Tensor, x: torch.Tensor, a: torch.Tensor, s2: torch.Tensor,
                  idx: torch.Tensor) -> torch.Tensor:
-    rows = flat[idx.to(flat.device)].to("cpu", torch.float64)
+    rows = _gather(flat, idx)
     dist = torch.cdist(x[None] / a, rows, compute_mode="donot_use_mm_for_euclid_dist")[0]
     return -0.5 * (a * dist).square() / s2
 
@@ -109,7 +116,7 @@ def _weighted_rows(flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor)
     step = max(1, _GATHER_ELEMENTS // flat.shape[1])
     for b in range(idx.shape[0]):
         for j in range(0, idx.shape[1], step):
-            rows = flat[idx[b, j:j + step].to(flat.device)].to("cpu", torch.float64)
+            rows = _gather(flat, idx[b, j:j + step])
             out[b] += weights[b, j:j + step] @ rows
     return out
 

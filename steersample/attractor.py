@@ -289,7 +289,7 @@ class AttractorRepulsion:
             rows = near.nonzero().flatten()
             idx = y_idx[rows]
             flat = reference.flat
-            verts = flat[idx.flatten().to(flat.device)].to("cpu", torch.float64)
+            verts = torch.index_select(flat, 0, idx.flatten().to(flat.device)).to("cpu", torch.float64)
             verts = verts.reshape(rows.numel(), k, -1)
             hull_point = _capped_hull_point(y[rows].flatten(1), verts)
             # slide: replace only the tangential part of x̂₀ (within the neighbours' affine

@@ -199,12 +199,12 @@ class ReferenceIndex:
         if self._centroids is None:
             quantizer = self.index.quantizer
             c = torch.from_numpy(quantizer.reconstruct_n(0, quantizer.ntotal))
-            self._centroids = (c, c.square().sum(1))
-        c, c_sq = self._centroids
+            self._centroids = (c.T.contiguous(), c.square().sum(1))   # (dim, nlist): GEMM-ready
+        c_t, c_sq = self._centroids
         k = torch.from_numpy(keys)
         # ||k - c||^2 = ||k||^2 + (||c||^2 - 2 k.c): rank on the bracket (one fused GEMM)
-        part = torch.addmm(c_sq[None, :], k, c.T, alpha=-2.0)
-        dq, iq = torch.topk(part, min(nprobe, c.shape[0]), dim=1, largest=False)
+        part = torch.addmm(c_sq[None, :], k, c_t, alpha=-2.0)
+        dq, iq = torch.topk(part, min(nprobe, c_t.shape[1]), dim=1, largest=False)
         dq = (dq + k.square().sum(1, keepdim=True)).clamp_min(0.0)
         return dq.numpy(), iq.numpy()
 

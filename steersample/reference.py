@@ -297,7 +297,7 @@ class ReferenceSet:
         dist = torch.empty(pairs.numel(), dtype=torch.float64)
         step = max(1, _QUERY_BLOCK_ELEMENTS // self.dim)      # (query, candidate) pairs per block
         for i in range(0, pairs.numel(), step):
-            rows = flat[pairs[i:i + step].to(flat.device)].to("cpu", torch.float64)
+            rows = torch.index_select(flat, 0, pairs[i:i + step].to(flat.device)).to("cpu", torch.float64)
             dist[i:i + step] = (q64[query[i:i + step]] - rows).square().sum(1).sqrt()
         dist, order = torch.sort(dist.reshape(cand.shape), dim=1, stable=True)
         return dist[:, :k], torch.gather(cand, 1, order)[:, :k]
