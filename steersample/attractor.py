@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from steersample.hull import class_neighbour_count, nearest, project_to_capped_hull, span_basis
+from steersample.hull import class_neighbour_count, nearest, project_to_capped_hull_caps, span_basis
 from steersample.steering import SteeringOutput, register_steerer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -252,10 +252,14 @@ class AttractorRepulsion:
         test = torch.arange(batch) if flagged is None else (~flagged).nonzero().flatten()
         # the K nearest reference samples of y for every sample: the posterior test of the
         # samples not flagged yet and the hull vertices of those that slide (one search)
-        y_dist, y_idx = nearest(reference, y, k, search_labels)
+        # and, in the same search, the 2 nearest of x̂₀ for the attractor test
+        both = torch.cat([y, x0_hat[test]])
+        both_labels = None if search_labels is None else torch.cat([search_labels, search_labels[test]])
+        dist_all, idx_all = nearest(reference, both, k, both_labels)
+        y_dist, y_idx = dist_all[:batch], idx_all[:batch]
         if test.numel():
             # attractor test: x̂₀ sits next to one sample, d(NN₁)/d(NN₂) small
-            ratio[test] = _ratio(nearest(reference, x0_hat[test], 2, labels_of(test))[0])
+            ratio[test] = _ratio(dist_all[batch:, :2])
             # refinement test: oracle posterior of (x_σ, σ) over the K nearest samples of y,
             # γ_k ∝ exp(−‖y − x⁽ᵏ⁾‖² / (2 (σ/(1 − σ))²))
             dist = y_dist[test]
@@ -344,20 +348,22 @@ def _capped_hull_point(y: torch.Tensor, verts: torch.Tensor) -> torch.Tensor:
     """Capped-hull point ``(b, D)`` for the slide: the first cap of 1/(1 + SLIDE_RATIO), 0.6,
     0.5, 0.4, 1/K whose point is not nearer than SLIDE_RATIO to one vertex (with a high cap,
     several vertices can share the rest of the weight); 1/K (the centroid) always qualifies.
-    All caps are solved in one batched call (b x caps problems), which costs about what one
-    cap did."""
+    All caps are solved in one batched call that shares each point's Gram matrix and step size,
+    which costs about what one cap did; the centroid needs no solve."""
     b, k = verts.shape[0], verts.shape[1]
-    caps = sorted({max(c, 1.0 / k) for c in (1.0 / (1.0 + SLIDE_RATIO), 0.6, 0.5, 0.4, 1.0 / k)},
-                  reverse=True)
-    n = len(caps)
-    cap = torch.tensor(caps, dtype=verts.dtype).repeat_interleave(b)              # (n b,)
-    verts_all = verts.repeat(n, 1, 1)
-    weights = project_to_capped_hull(y.repeat(n, 1), verts_all, cap)
-    point = torch.einsum("bk,bkd->bd", weights, verts_all)                        # (n b, D)
-    dist = torch.sort((verts_all - point[:, None, :]).norm(dim=2), dim=1).values
-    ok = (_ratio(dist[:, :2]) >= SLIDE_RATIO) | (cap <= 1.0 / k + 1e-12)
-    first = ok.reshape(n, b).to(torch.int8).argmax(0)                             # first cap that works
-    return point.reshape(n, b, -1)[first, torch.arange(b)]
+    caps = sorted({max(c, 1.0 / k) for c in (1.0 / (1.0 + SLIDE_RATIO), 0.6, 0.5, 0.4)}, reverse=True)
+    caps = [c for c in caps if c > 1.0 / k + 1e-12]          # the 1/K cap is the centroid, no solve
+    centroid = verts.mean(1)
+    if not caps:
+        return centroid
+    weights = project_to_capped_hull_caps(y, verts, caps)                        # (n, b, K)
+    point = torch.einsum("nbk,bkd->nbd", weights, verts)                          # (n, b, D)
+    dist = torch.sort((verts[None] - point[:, :, None, :]).norm(dim=3), dim=2).values
+    ok = _ratio(dist[..., :2].reshape(-1, 2)).reshape(len(caps), b) >= SLIDE_RATIO
+    point = torch.cat([point, centroid[None]])                                  # 1/K always works
+    ok = torch.cat([ok, torch.ones(1, b, dtype=torch.bool)])
+    first = ok.to(torch.int8).argmax(0)                                          # first cap that works
+    return point[first, torch.arange(b)]
 
 
 def _ratio(dist: torch.Tensor) -> torch.Tensor:

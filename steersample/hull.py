@@ -4,7 +4,8 @@
   class for small sets, FAISS through ``ReferenceSet.nearest`` for large ones);
 - :func:`project_capped_simplex`: Euclidean projection onto {a ≥ 0, Σ a = 1, a ≤ cap};
 - :func:`project_to_capped_hull`: the point of the capped convex hull of K vertices nearest to a
-  query (accelerated projected gradient on the K weights);
+  query (accelerated projected gradient on the K weights); :func:`project_to_capped_hull_caps`
+  solves it for several caps at once;
 - :func:`span_basis`: orthonormal basis of the directions the vertices span (tangent space);
 - :func:`class_neighbour_count`: how many neighbours a class-restricted search can return.
 """
@@ -23,6 +24,7 @@ __all__ = [
     "nearest",
     "project_capped_simplex",
     "project_to_capped_hull",
+    "project_to_capped_hull_caps",
     "span_basis",
     "class_neighbour_count",
 ]
@@ -122,22 +124,52 @@ def project_to_capped_hull(y: torch.Tensor, neighbours: torch.Tensor, cap: float
         cap: a number or ``(B,)`` tensor, ``K · cap ≥ 1``.
         iterations: FISTA steps.
     """
+    gram, lin, step = _hull_problem(y, neighbours)
+    cap_t = torch.as_tensor(cap, dtype=lin.dtype).reshape(-1, 1).expand(lin.shape[0], 1)
+    project_capped_simplex(torch.full_like(lin, 1.0 / lin.shape[1]), cap_t)    # checks K·cap >= 1
+    return _fista(gram, lin, step, cap_t, iterations)
+
+
+def _hull_problem(y: torch.Tensor, neighbours: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(gram, lin, step)`` of ``min_a a·G a − 2 lin·a`` (+ const) = ``‖Σ a_k n_k − y‖²`` on the
+    simplex, from the centred vertices; ``step`` ``(B, 1)`` = 1 / λ_max(G)."""
     centre = neighbours.mean(1, keepdim=True)
     xc = neighbours - centre                                                     # (B, K, D)
     gram = xc @ xc.transpose(1, 2)                                               # (B, K, K)
     lin = (xc @ (y[:, :, None] - centre.transpose(1, 2)))[..., 0]                # (B, K)
     step = 1.0 / torch.linalg.eigvalsh(gram)[:, -1:].clamp_min(1e-30)
-    k = neighbours.shape[1]
-    a = project_capped_simplex(torch.full_like(lin, 1.0 / k), cap)
-    cap_t = torch.as_tensor(cap, dtype=lin.dtype).reshape(-1, 1).expand(lin.shape[0], 1)
+    return gram, lin, step
+
+
+def _fista(gram: torch.Tensor, lin: torch.Tensor, step: torch.Tensor, cap: torch.Tensor,
+           iterations: int) -> torch.Tensor:
+    """FISTA on the problem of :func:`_hull_problem` from uniform weights; ``cap`` ``(B, 1)``."""
+    k = lin.shape[1]
+    a = _project(torch.full_like(lin, 1.0 / k), cap)
     z, t = a, 1.0
     for _ in range(iterations):
         grad = (gram @ z[..., None])[..., 0] - lin
-        a_next = _project(z - step * grad, cap_t)
+        a_next = _project(z - step * grad, cap)
         t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
         z = a_next + ((t - 1.0) / t_next) * (a_next - a)
         a, t = a_next, t_next
     return a
+
+
+def project_to_capped_hull_caps(y: torch.Tensor, neighbours: torch.Tensor,
+                                caps: "list[float]", iterations: int = HULL_ITERATIONS) -> torch.Tensor:
+    """Weights ``(C, B, K)``: :func:`project_to_capped_hull` for each cap in ``caps`` (each with
+    ``K · cap ≥ 1``), sharing the Gram matrix and step size across caps (one eigen-solve per
+    point instead of one per point and cap)."""
+    k = neighbours.shape[1]
+    if any(c * k < 1 - 1e-12 for c in caps):
+        raise ValueError(f"every cap must be at least 1/K = {1 / k:g}, got {list(caps)}")
+    gram, lin, step = _hull_problem(y, neighbours)
+    n, b = len(caps), y.shape[0]
+    cap_t = torch.tensor(caps, dtype=lin.dtype).repeat_interleave(b)[:, None]    # (C B, 1)
+    a = _fista(gram.repeat(n, 1, 1), lin.repeat(n, 1), step.repeat(n, 1), cap_t, iterations)
+    return a.reshape(n, b, k)
 
 
 def span_basis(verts: torch.Tensor, rtol: float = 1e-9) -> torch.Tensor:

@@ -13,7 +13,13 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from steersample import hull
 from steersample.attractor import SLIDE_RATIO, AttractorRepulsion
-from steersample.hull import nearest, project_capped_simplex, project_to_capped_hull, span_basis
+from steersample.hull import (
+    nearest,
+    project_capped_simplex,
+    project_to_capped_hull,
+    project_to_capped_hull_caps,
+    span_basis,
+)
 from steersample.data import load_digits
 from steersample.guidance import GuidanceSchedule
 from steersample.metrics import nn_ratio
@@ -64,6 +70,19 @@ def test_capped_hull_projection_is_the_constrained_minimum():
                        options={"ftol": 1e-14, "maxiter": 500})
         assert abs(a.sum() - 1) < 1e-9 and a.min() >= -1e-12 and a.max() <= cap + 1e-9
         assert fun(a) <= ref.fun + 1e-6 * max(1.0, ref.fun)
+
+
+def test_capped_hull_several_caps_equal_one_cap_at_a_time():
+    g = torch.Generator().manual_seed(3)
+    verts = torch.randn(5, 4, 16, generator=g, dtype=torch.float64)
+    y = verts[:, 0] * 0.8 + 0.3 * torch.randn(5, 16, generator=g, dtype=torch.float64)
+    caps = [0.69, 0.5, 0.25]
+    many = project_to_capped_hull_caps(y, verts, caps)
+    assert many.shape == (3, 5, 4)
+    for i, cap in enumerate(caps):
+        torch.testing.assert_close(many[i], project_to_capped_hull(y, verts, cap), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="1/K"):
+        project_to_capped_hull_caps(y, verts, [0.2])
 
 
 def test_hull_projection_keeps_points_inside_the_hull():
