@@ -13,7 +13,8 @@ Tables printed:
    (index + exact float64 re-ranking on the latents) and of exact FAISS brute force
    (``faiss.knn``, the BLAS GEMM path) on the same batch; recall@10 of the index against it.
 3. **oracle** at N = 1e6, latents (1, 8, 8) (the embedded default's shape): ms per call of
-   ``EmpiricalOracle(ref, top_k=64, approximate=True).evaluate(x, sigma)`` on B = 64 queries
+   ``EmpiricalOracle(ref, top_k=64).evaluate(x, sigma)`` (the index chosen automatically: N is
+   above ``AUTO_INDEX_MIN``; rows gathered from the memory-mapped shards) on B = 64 queries
    x = (1 - sigma) x0 + sigma eps (x0 fresh draws), with the default ``max_dropped=1e-4``
    (K grows until the dropped-mass bound holds, exact pass beyond N/8) and with fixed K
    (``max_dropped=None``); against one forward pass of the default model's transformer on the
@@ -205,7 +206,8 @@ def oracle_section(work: Path, n: int, batch: int) -> tuple[list[list], str]:
     rows = []
     for sigma in (0.9, 0.6, 0.3, 0.1, 0.03):
         x = (1 - sigma) * x0 + sigma * eps
-        oracles = [ss.EmpiricalOracle(ref, top_k=64, approximate=True, max_dropped=m) for m in (1e-4, None)]
+        # approximate=None (the default): the store's index, since N > AUTO_INDEX_MIN
+        oracles = [ss.EmpiricalOracle(ref, top_k=64, max_dropped=m) for m in (1e-4, None)]
         for oracle in oracles:
             oracle.evaluate(x, sigma)  # warm caches (squared norms, index pages)
         # interleaved rounds: the model and both oracles see the same machine load

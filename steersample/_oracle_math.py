@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -46,7 +47,7 @@ class _TopK:
     bound: torch.Tensor      # dropped-mass bound (n - k) e^{l_K - l_1} / S
 
 
-def _best_candidates(flat: torch.Tensor, q: torch.Tensor, a: torch.Tensor, s2: torch.Tensor,
+def _best_candidates(ref: Any, q: torch.Tensor, a: torch.Tensor, s2: torch.Tensor,
                      cand: torch.Tensor, k: int, n: int, want_mean: bool) -> _TopK:
     """Exact float64 weights on each query's candidates ``cand`` (B, K'), keeping the best k.
 
@@ -65,12 +66,12 @@ def _best_candidates(flat: torch.Tensor, q: torch.Tensor, a: torch.Tensor, s2: t
     for j0 in range(0, b, block):
         sl = slice(j0, min(b, j0 + block))
         if per_query > 4 * _GATHER_ELEMENTS:   # one large-K query: blocked, two gathers
-            logits = torch.cat([_logits_rows(flat, q[j0], a[j0], s2[j0], part)
+            logits = torch.cat([_logits_rows(ref, q[j0], a[j0], s2[j0], part)
                                 for part in torch.split(cand[j0], max(1, _GATHER_ELEMENTS // dim))])[None]
             rows = None
         else:
             idx = cand[sl]
-            rows = _gather(flat, idx.reshape(-1)).reshape(*idx.shape, dim)
+            rows = _gather(ref, idx.reshape(-1)).reshape(*idx.shape, dim)
             dist = torch.cdist((q[sl] / a[sl, None])[:, None, :], rows,
                                compute_mode="donot_use_mm_for_euclid_dist")[:, 0, :]    # (b', K')
             logits = -0.5 * (a[sl, None] * dist).square() / s2[sl, None]
@@ -92,31 +93,30 @@ def _best_candidates(flat: torch.Tensor, q: torch.Tensor, a: torch.Tensor, s2: t
                 weights = torch.zeros(rows.shape[:2], dtype=torch.float64).scatter_(1, order, p)
                 out.A[sl] = torch.bmm(weights[:, None, :], rows)[:, 0, :]            # (b', D)
             else:
-                out.A[sl] = _weighted_rows(flat, torch.gather(cand[sl], 1, order), p)
+                out.A[sl] = _weighted_rows(ref, torch.gather(cand[sl], 1, order), p)
     return out
 
 
-def _gather(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows ``flat[idx]`` as float64 on the CPU. ``index_select``, not advanced indexing: on a
-    CPU tensor it is several times faster for scattered rows (64 x 72 rows of a 10^6 x 64
-    float32 store: 0.2 ms against 0.9-1.2 ms)."""
-    return torch.index_select(flat, 0, idx.to(flat.device)).to("cpu", torch.float64)
+def _gather(ref: Any, idx: torch.Tensor) -> torch.Tensor:
+    """Reference rows ``idx`` as float64 ``(len(idx), D)`` on the CPU, through
+    ``ReferenceSet.rows`` (``index_select``; a sharded store reads its memory maps)."""
+    return ref.rows(idx).to("cpu", torch.float64)
 
 
-def _logits_rows(flat: torch.Tensor, x: torch.Tensor, a: torch.Tensor, s2: torch.Tensor,
+def _logits_rows(ref: Any, x: torch.Tensor, a: torch.Tensor, s2: torch.Tensor,
                  idx: torch.Tensor) -> torch.Tensor:
-    rows = _gather(flat, idx)
+    rows = _gather(ref, idx)
     dist = torch.cdist(x[None] / a, rows, compute_mode="donot_use_mm_for_euclid_dist")[0]
     return -0.5 * (a * dist).square() / s2
 
 
-def _weighted_rows(flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ_j weights[b, j] · flat[idx[b, j]] in float64, (B, D), gathering O(_GATHER_ELEMENTS) at a time."""
-    out = torch.zeros(idx.shape[0], flat.shape[1], dtype=torch.float64)
-    step = max(1, _GATHER_ELEMENTS // flat.shape[1])
+def _weighted_rows(ref: Any, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_j weights[b, j] · x[idx[b, j]] in float64, (B, D), gathering O(_GATHER_ELEMENTS) at a time."""
+    out = torch.zeros(idx.shape[0], ref.dim, dtype=torch.float64)
+    step = max(1, _GATHER_ELEMENTS // ref.dim)
     for b in range(idx.shape[0]):
         for j in range(0, idx.shape[1], step):
-            rows = _gather(flat, idx[b, j:j + step])
+            rows = _gather(ref, idx[b, j:j + step])
             out[b] += weights[b, j:j + step] @ rows
     return out
 

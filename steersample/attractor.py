@@ -292,8 +292,7 @@ class AttractorRepulsion:
         if bool(near.any()):
             rows = near.nonzero().flatten()
             idx = y_idx[rows]
-            flat = reference.flat
-            verts = torch.index_select(flat, 0, idx.flatten().to(flat.device)).to("cpu", torch.float64)
+            verts = reference.rows(idx.flatten()).to("cpu", torch.float64)
             verts = verts.reshape(rows.numel(), k, -1)
             hull_point = _capped_hull_point(y[rows].flatten(1), verts)
             # slide: replace only the tangential part of x̂₀ (within the neighbours' affine

@@ -46,13 +46,16 @@ def nearest(reference: Any, queries: torch.Tensor, k: int,
             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dist, idx)`` ``(B, k)`` of the k nearest reference samples of ``queries`` ``(B, *shape)``.
 
-    Exact. Small sets (N·D ≤ :data:`DENSE_SEARCH_ELEMENTS`) are searched with one float64 matmul
+    Small sets (N·D ≤ :data:`DENSE_SEARCH_ELEMENTS`) are searched with one float64 matmul
     per class present, ``d² = ‖q‖² + ‖x‖² − 2 q·x``, on a cached float64 copy split by class; at
     these sizes that costs far less than a FAISS call's fixed overhead. Larger sets use
-    ``reference.nearest`` (FAISS). Distances are float64, indices int64, both on the CPU.
+    ``reference.nearest(..., approximate=None)``: exact FAISS search up to ``AUTO_INDEX_MIN``
+    rows, the approximate index above (candidates re-ranked by exact distances). Distances are
+    float64, indices int64, both on the CPU.
     """
     if len(reference) * reference.dim > DENSE_SEARCH_ELEMENTS:
-        dist, idx = reference.nearest(queries.to(reference.latents.dtype), k=k, labels=labels)
+        dtype = reference.rows(torch.zeros(0, dtype=torch.int64)).dtype   # no concatenation
+        dist, idx = reference.nearest(queries.to(dtype), k=k, labels=labels, approximate=None)
         return dist.to("cpu", torch.float64), idx.cpu()
     groups = _DENSE.get(reference)
     if groups is None:

@@ -43,16 +43,18 @@ O(B × chunk_size) plus one chunk of the reference in float64, whatever N is. Ea
 ``dropped_mass``, a rigorous upper bound on the posterior mass it did not compute (≤ δ here).
 
 *Top-k mode* (``top_k=K``). Since ||x - (1 - s) x_i|| = (1 - s)·||x/(1 - s) - x_i||, the K
-nearest neighbours of x/(1 - s) are the K heaviest samples. FAISS finds them (exactly, or with
-``approximate=True`` through the IVF index over a PCA projection of ``ReferenceSet.build_ivf``);
-their weights are exact (float64 differences). Every other sample is at least as far as the K-th
+nearest neighbours of x/(1 - s) are the K heaviest samples. FAISS finds them (exactly, or
+through an approximate index: with ``approximate=True``, and by default for sets larger than
+``AUTO_INDEX_MIN`` rows: the IVF index over a PCA projection of ``ReferenceSet.build_ivf``, or a
+store's ``index.faiss``); their weights are exact (float64 differences on rows gathered with
+``ReferenceSet.rows``, which a sharded store serves from its memory maps). Every other sample is at least as far as the K-th
 candidate d_K, so the dropped mass relative to the computed mass is at most
 
     (N - K)·exp(-(1 - s)^2 (d_K^2 - d_1^2) / (2 s^2)) / S                 (``dropped_mass``)
 
 With ``max_dropped`` (default 1e-4) K grows 4x for the queries whose bound exceeds it; queries
 that would need K > N/8 take the exact pass, as do queries at s = 1 (uniform weights). The bound
-holds when FAISS returns the true K nearest (exact search); with ``approximate=True`` it is an
+holds when FAISS returns the true K nearest (exact search); through an index it is an
 estimate, and near σ*, where the posterior is spread and the query is mostly noise, the
 approximate search can miss heavy samples (see ``benchmarks/oracle.py``).
 """
@@ -116,14 +118,17 @@ class EmpiricalOracle:
         max_dropped: in top-k mode, the largest dropped-mass bound accepted per query: K grows
             4x until the bound is met, and queries that would need K > N/8 use the exact pass.
             ``None`` keeps K fixed whatever the bound.
-        approximate: in top-k mode, search candidates with the IVF index instead of exactly.
+        approximate: in top-k mode, how candidates are searched: ``True`` the approximate index
+            (``ReferenceSet.build_ivf``, or a store's ``index.faiss``), ``False`` exactly,
+            ``None`` (default) by size: the index for sets with more than
+            ``steersample.reference.AUTO_INDEX_MIN`` rows (a store: when it has an index).
         nprobe: IVF lists visited per query in approximate top-k mode.
         drop_tolerance: δ, the posterior mass the exact mode may leave out (default 1e-12).
     """
 
     def __init__(self, reference: ReferenceSet, *, chunk_size: int | None = None,
                  top_k: int | None = None, max_dropped: float | None = 1e-4,
-                 approximate: bool = False, nprobe: int | None = None,
+                 approximate: bool | None = None, nprobe: int | None = None,
                  drop_tolerance: float = 1e-12) -> None:
         if not isinstance(reference, ReferenceSet):
             raise TypeError(
@@ -136,12 +141,12 @@ class EmpiricalOracle:
         self.chunk_size = (check_positive_int(chunk_size, "chunk_size") if chunk_size is not None
                            else max(1, elements // reference.dim))
         self.top_k = None if top_k is None else check_positive_int(top_k, "top_k")
-        if approximate and self.top_k is None:
+        if approximate is True and self.top_k is None:
             raise ValueError("approximate=True needs top-k mode; pass top_k=K as well")
         if max_dropped is not None and not (0.0 < float(max_dropped) < 1.0):
             raise ValueError(f"max_dropped must lie in (0, 1) or be None, got {max_dropped}")
         self.max_dropped = None if max_dropped is None else float(max_dropped)
-        self.approximate = bool(approximate)
+        self.approximate = None if approximate is None else bool(approximate)
         self.nprobe = None if nprobe is None else check_positive_int(nprobe, "nprobe")
         if not (0.0 < float(drop_tolerance) < 1.0):
             raise ValueError(f"drop_tolerance must lie in (0, 1), got {drop_tolerance}")
@@ -311,13 +316,13 @@ class EmpiricalOracle:
         pending = (s < 1.0).nonzero().flatten()    # σ = 1: uniform weights, top-k cannot hold them
         exact = (s >= 1.0).nonzero().flatten()
         k = min(self.top_k, n)
+        use_index = ref._wants_index(self.approximate)
         while pending.numel():
             a, s2 = 1.0 - s[pending], s[pending].square()
             # ||x - (1-s) x_i|| = (1-s) ||x/(1-s) - x_i||: the K nearest of x/(1-s) weigh most
-            k_search = k if self.approximate else min(n, k + 8)   # spares for float32 ties
-            cand = ref._candidates(q[pending] / a[:, None], k_search, label, self.approximate,
-                                   self.nprobe)
-            best = _best_candidates(ref.flat, q[pending], a, s2, cand, k, n, want_mean)
+            k_search = k if use_index else min(n, k + 8)   # spares for float32 ties
+            cand = ref._candidates(q[pending] / a[:, None], k_search, label, use_index, self.nprobe)
+            best = _best_candidates(ref, q[pending], a, s2, cand, k, n, want_mean)
             done = (best.bound <= self.max_dropped if self.max_dropped is not None
                     else torch.ones(best.bound.shape, dtype=torch.bool))
             rows = pending[done]

@@ -28,8 +28,14 @@ import torch
 
 from steersample._checks import (check_finite, check_floating, check_labels, check_positive_int,
                                  check_sample_shape, check_tensor)
+from steersample.index import FLAT_MAX
 
-__all__ = ["ReferenceSet"]
+__all__ = ["ReferenceSet", "AUTO_INDEX_MIN"]
+
+AUTO_INDEX_MIN = FLAT_MAX
+"""``approximate=None`` (the oracle's and AttractorRepulsion's default) searches an approximate
+index only for sets with more rows than this; smaller sets are searched exactly (at this size a
+brute-force FAISS search costs about what an index probe does)."""
 
 _FORMAT = "steersample.ReferenceSet"
 _VERSION = "1"
@@ -102,6 +108,18 @@ class ReferenceSet:
     def flat(self) -> torch.Tensor:
         """The latents as a ``(N, D)`` view."""
         return self._latents.reshape(len(self), self.dim)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Flattened latents of rows ``idx`` (any shape): ``(idx.numel(), D)``, in the storage
+        dtype and device (``index_select``: several times faster than advanced indexing for
+        scattered rows on the CPU). :class:`ShardedReferenceSet` gathers from its memory maps."""
+        flat = self.flat
+        return torch.index_select(flat, 0, idx.reshape(-1).to(flat.device, torch.int64))
+
+    def _wants_index(self, approximate: bool | None) -> bool:
+        """Whether a search with this ``approximate`` argument uses the approximate index:
+        ``None`` decides by size (``N > AUTO_INDEX_MIN``)."""
+        return len(self) > AUTO_INDEX_MIN if approximate is None else bool(approximate)
 
     @property
     def classes(self) -> torch.Tensor | None:
@@ -188,7 +206,7 @@ class ReferenceSet:
 
     # ----------------------------------------------------------------------------- kNN
     def nearest(self, x: torch.Tensor, k: int = 2, labels: int | torch.Tensor | None = None, *,
-                approximate: bool = False, nprobe: int | None = None
+                approximate: bool | None = False, nprobe: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` nearest reference samples of each query, by l2 distance.
 
@@ -196,7 +214,8 @@ class ReferenceSet:
             x: ``(B, *shape)`` queries.
             k: neighbours per query (at most the number of candidates).
             labels: ``None``, an int, or ``(B,)`` ints: restrict query b to samples of its label.
-            approximate: search the approximate index (:meth:`build_ivf`, built on first use).
+            approximate: search the approximate index (:meth:`build_ivf`, built on first use);
+                ``None``: only when ``N > AUTO_INDEX_MIN``, else exactly.
             nprobe: IVF lists visited per query (default: the index's setting).
 
         Returns:
@@ -215,10 +234,7 @@ class ReferenceSet:
                 raise ValueError(f"k={k} exceeds the {pool.numel()} samples in {where}; use k <= {pool.numel()}")
             q = x.reshape(x.shape[0], -1)[rows]
             k_search = min(pool.numel(), k + k // 4 + 8)  # spare candidates for the re-ranking
-            if approximate:
-                cand = self._search_ivf(q, k_search, label, nprobe)
-            else:
-                cand = self._search_flat(q, k_search, label, pool)
+            cand = self._candidates(q, k_search, label, approximate, nprobe)
             out_dist[rows], out_idx[rows] = self._rerank(q, cand, k)
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         return out_dist.to(device=x.device, dtype=dtype), out_idx.to(x.device)
@@ -281,10 +297,11 @@ class ReferenceSet:
             idx[short] = self._search_flat(q[short], k, label, self.indices(label))
         return idx
 
-    def _candidates(self, q: torch.Tensor, k: int, label: int | None, approximate: bool,
+    def _candidates(self, q: torch.Tensor, k: int, label: int | None, approximate: bool | None,
                     nprobe: int | None = None) -> torch.Tensor:
-        """``(B, k)`` candidate indices for flat queries ``q`` (B, D), unsorted, not re-ranked."""
-        if approximate:
+        """``(B, k)`` candidate indices for flat queries ``q`` (B, D), unsorted, not re-ranked
+        (``approximate=None``: the index when ``N > AUTO_INDEX_MIN``)."""
+        if self._wants_index(approximate):
             return self._search_ivf(q, k, label, nprobe)
         return self._search_flat(q, k, label, self.indices(label))
 

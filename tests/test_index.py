@@ -281,3 +281,90 @@ def test_ivf_search_with_torch_coarse_lists_equals_faiss_search():
     want_d, want_i = index.index.quantizer.search(queries, 4)
     np.testing.assert_array_equal(iq, want_i)
     np.testing.assert_allclose(dq, want_d, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- oracle and steering on a store
+def test_rows_gather_equals_flat_indexing(tmp_path, data):
+    latents, labels, _ = data
+    write_store(tmp_path / "s", latents, labels, shard_size=300)          # three shards
+    sharded = ShardedReferenceSet.open(tmp_path / "s")
+    memory = ss.ReferenceSet(latents, labels)
+    idx = torch.tensor([[699, 0, 300], [299, 301, 0], [5, 5, 650]])      # across shards, repeats
+    want = latents.reshape(700, -1)[idx.flatten()]
+    for ref in (memory, sharded):
+        got = ref.rows(idx)
+        assert got.shape == (9, 32) and got.dtype == latents.dtype
+        assert torch.equal(got, want)
+    assert "latents" not in sharded._cache                               # no concatenation
+    for bad in (torch.tensor([0, 700]), torch.tensor([-1, 3])):
+        with pytest.raises(IndexError, match=r"\[0, 700\)"):
+            sharded.rows(bad)
+
+
+def _clustered(n=1200, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = 2.0 * torch.randn(n // 50, dim, generator=g)
+    return centres[torch.arange(n) % (n // 50)] + 0.3 * torch.randn(n, dim, generator=g)
+
+
+def test_top_k_oracle_and_attractor_use_the_store_index_above_threshold(tmp_path, monkeypatch):
+    """approximate=None: the store's index only above AUTO_INDEX_MIN; rows come from the memory
+    maps; at σ ≤ σ* the top-k velocity through the index equals the exact oracle's to 1e-3."""
+    import steersample.hull as hull
+    import steersample.sharded as sharded_mod
+    from steersample.attractor import AttractorRepulsion
+
+    latents = _clustered()
+    write_store(tmp_path / "s", latents, None, shard_size=500)
+    ref = ShardedReferenceSet.open(tmp_path / "s")
+    ref.build_index("ivf", progress=False)
+    ref.index.spec = exhaustive(ref.index.spec, len(ref))   # candidates contain the true top-k
+    calls = []
+    search = ref._search_index
+    monkeypatch.setattr(ref, "_search_index", lambda *a: calls.append(1) or search(*a))
+
+    sigma_star = ss.PhaseProfile.estimate(ss.ReferenceSet(latents), num_queries=64).boundary_sigma
+    g = torch.Generator().manual_seed(1)
+    exact_oracle = ss.EmpiricalOracle(ss.ReferenceSet(latents))
+    top_k = ss.EmpiricalOracle(ref, top_k=128, max_dropped=None)
+    pick = torch.randperm(len(latents), generator=g)[:8]
+    for factor in (1.0, 0.75, 0.5):
+        s = sigma_star * factor
+        x = (1 - s) * latents[pick] + s * torch.randn(8, 16, generator=g)
+        assert not calls
+        below = top_k.velocity(x, s)                      # N = 1200 <= AUTO_INDEX_MIN: exact search
+        assert not calls
+        monkeypatch.setattr(sharded_mod, "AUTO_INDEX_MIN", 100)
+        above = top_k.velocity(x, s)                      # now through the index
+        assert calls
+        calls.clear()
+        monkeypatch.setattr(sharded_mod, "AUTO_INDEX_MIN", 50_000)
+        want = exact_oracle.velocity(x, s)
+        err = ((above - want).norm(dim=1) / want.norm(dim=1)).max()
+        assert err <= 1e-3, (factor, err)
+        torch.testing.assert_close(above, below, rtol=1e-9, atol=1e-9)
+    assert "latents" not in ref._cache        # the top-k oracle gathered rows, never concatenated
+
+    # AttractorRepulsion's neighbour search goes through the same rule
+    monkeypatch.setattr(hull, "DENSE_SEARCH_ELEMENTS", 0)
+    monkeypatch.setattr(sharded_mod, "AUTO_INDEX_MIN", 100)
+    dist, idx = hull.nearest(ref, latents[:3] + 0.01, 4)
+    assert calls and torch.equal(idx[:, 0], torch.arange(3))
+    assert AttractorRepulsion().needs_reference and "latents" not in ref._cache
+
+
+def test_in_memory_top_k_oracle_builds_the_ivf_only_above_threshold(monkeypatch):
+    import steersample.reference as reference_mod
+
+    latents = _clustered()
+    x = latents[:4] * 0.6 + 0.4 * torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    ref = ss.ReferenceSet(latents)
+    oracle = ss.EmpiricalOracle(ref, top_k=16)
+    oracle.velocity(x, 0.4)
+    assert "ivf" not in ref._cache
+    monkeypatch.setattr(reference_mod, "AUTO_INDEX_MIN", 100)
+    oracle.velocity(x, 0.4)
+    assert "ivf" in ref._cache
+    exact = ss.EmpiricalOracle(ref, top_k=16, approximate=False)
+    monkeypatch.setattr(ref, "_search_ivf", lambda *a: pytest.fail("approximate=False searched the index"))
+    exact.velocity(x, 0.4)

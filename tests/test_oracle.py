@@ -269,12 +269,13 @@ def test_best_candidates_batched_equals_per_query_brute_force(monkeypatch, want_
 
     g = torch.Generator().manual_seed(3)
     flat = torch.randn(50, 6, generator=g)
+    ref = ss.ReferenceSet(flat)
     q = torch.randn(7, 6, generator=g, dtype=torch.float64)
     a = torch.rand(7, generator=g, dtype=torch.float64) * 0.5 + 0.3
     s2 = (1 - a).square()
     cand = torch.stack([torch.randperm(50, generator=g)[:10] for _ in range(7)])
     k = 6
-    got = om._best_candidates(flat, q, a, s2, cand, k, 50, want_mean)
+    got = om._best_candidates(ref, q, a, s2, cand, k, 50, want_mean)
     for j in range(7):
         rows = flat[cand[j]].double()
         logits = -((q[j] - a[j] * rows).square().sum(1)) / (2 * s2[j])
@@ -288,7 +289,7 @@ def test_best_candidates_batched_equals_per_query_brute_force(monkeypatch, want_
         if want_mean:
             torch.testing.assert_close(got.A[j], p @ rows[order], rtol=1e-12, atol=1e-12)
     monkeypatch.setattr(om, "_GATHER_ELEMENTS", 4)            # K'·D > 4·4: the blocked path
-    blocked = om._best_candidates(flat, q, a, s2, cand, k, 50, want_mean)
+    blocked = om._best_candidates(ref, q, a, s2, cand, k, 50, want_mean)
     for name in ("m", "S", "Q", "H", "bound", "drop_max"):
         torch.testing.assert_close(getattr(blocked, name), getattr(got, name), rtol=1e-12, atol=1e-12)
     assert torch.equal(blocked.best, got.best)
