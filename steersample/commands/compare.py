@@ -99,7 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="samples per class, for each of plain and steered")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
-                        help="CFG scale (plain: everywhere; steered: inside its window)")
+                        help="CFG scale for both runs (steered: AttractorRepulsion lowers it for rare-class "
+                             "and flagged samples)")
     parser.add_argument("--seed", type=int, default=0,
                         help=f"base seed; sample k of class c uses seed + {_SEED_STRIDE}*c + k")
     parser.add_argument("--sheet-samples", type=int, default=8,
