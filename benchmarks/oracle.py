@@ -2,6 +2,7 @@
 
     python benchmarks/oracle.py            # N in {1e3, 1e4, 1e5} x D in {64, 1024, 4096}
     python benchmarks/oracle.py --quick    # N in {1e3, 1e4} x D in {64, 1024}, top-k at N = 1e4
+    python benchmarks/oracle.py --top-k-only   # only the top-k table (N = 1e5)
 
 What is measured (batch B = 16, float32 reference, CPU):
 - ``ceiling``: the two same-shaped float32 matmuls no oracle can avoid, x @ R.T (B, N) and
@@ -17,8 +18,8 @@ What is measured (batch B = 16, float32 reference, CPU):
   makes (torch, FAISS, NumPy), including the one-time caches of a cold reference set (these
   calls run first and are not timed), and is compared with the reference's N * D * 4 bytes.
 - top-k (largest N): ``EmpiricalOracle(ref, top_k=K, approximate=True)`` (FAISS IVF-Flat over
-  a 128-d PCA projection, nlist = sqrt(N)), with K fixed and with K adaptive
-  (``max_dropped=1e-4``), against exact at σ = σ* x {1, 0.9, 0.75, 0.5, 0.25}, σ* the measured
+  a 128-d PCA projection, nlist = sqrt(N)), with K fixed, with K adaptive
+  (``max_dropped=1e-4``) and adaptive with the tail estimate (``tail=True``), against exact at σ = σ* x {1, 0.9, 0.75, 0.5, 0.25}, σ* the measured
   ``PhaseProfile`` boundary (16 queries, 25 σ): time, speed-up, and the largest relative
   velocity error ||v_topk - v_exact|| / ||v_exact|| over the batch. The index build (once per
   reference set) is reported separately.
@@ -139,7 +140,14 @@ def bench_top_k(latents: torch.Tensor, repeats: int, top_k: int, nprobe: int | N
     ref.build_ivf(nprobe=nprobe)
     build = time.perf_counter() - t0
     modes = {"fixed": ss.EmpiricalOracle(ref, top_k=top_k, approximate=True, max_dropped=None),
-             "adaptive": ss.EmpiricalOracle(ref, top_k=top_k, approximate=True, max_dropped=1e-4)}
+             "adaptive": ss.EmpiricalOracle(ref, top_k=top_k, approximate=True, max_dropped=1e-4),
+             "tail": ss.EmpiricalOracle(ref, top_k=top_k, approximate=True, max_dropped=1e-4,
+                                        tail=True)}
+    from steersample._tail import tail_model
+
+    t0 = time.perf_counter()
+    tail_model(ref)                      # the rank-128 projection, once per reference set
+    tail_build = time.perf_counter() - t0
     sigma_star = profile.boundary_sigma
     rows = []
     for factor in TOP_K_FACTORS:
@@ -157,7 +165,8 @@ def bench_top_k(latents: torch.Tensor, repeats: int, top_k: int, nprobe: int | N
         errors = {name: float(((out[name] - v).norm(dim=1) / v.norm(dim=1)).max()) for name in modes}
         rows.append((s, med, errors))
     index = ref.approximate_index
-    return {"sigma_star": sigma_star, "build": build, "rows": rows, "nlist": index.nlist,
+    return {"sigma_star": sigma_star, "build": build, "tail_build": tail_build, "rows": rows,
+            "nlist": index.nlist,
             "nprobe": index.nprobe, "index_bytes": index.memory_bytes}
 
 
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default nlist // 8)")
+    parser.add_argument("--top-k-only", action="store_true", help="skip the exact-oracle table")
     args = parser.parse_args(argv)
     import faiss
 
@@ -181,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             + " ".join(f"{'exact@' + str(s):>11}" for s in SIGMAS)
             + f" {'ratio':>6} {'peak extra MB':>13} {'% of ref':>8}")
     print(head)
-    for n in sizes:
+    for n in [] if args.top_k_only else sizes:
         for d in dims:
             latents = make_latents(n, d)
             r = bench_exact(latents, args.repeats)
@@ -195,9 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     n = sizes[-1]
     print(f"\n# top-k mode at N = {n}: K = {args.top_k} FAISS candidates (IVF-Flat over a 128-d PCA "
           f"projection), exact float64 weights on them; 'fixed' keeps K, 'adaptive' grows K until "
-          f"the dropped-mass bound <= 1e-4 (exact pass beyond N/8)")
+          f"the dropped-mass bound <= 1e-4 (exact pass beyond N/8); 'tail' is adaptive with "
+          f"tail=True: queries over the bound get exact weights on 8K samples and an estimate of "
+          f"the rest instead")
     print(f"{'D':>5} {'sigma*':>7} {'sigma':>7} {'exact ms':>9} {'fixed ms':>9} {'speed-up':>8} "
-          f"{'max rel v err':>13} {'adaptive ms':>11} {'speed-up':>8} {'max rel v err':>13}")
+          f"{'max rel v err':>13} {'adaptive ms':>11} {'speed-up':>8} {'max rel v err':>13} "
+          f"{'tail ms':>8} {'speed-up':>8} {'max rel v err':>13}")
     for d in dims:
         latents = make_latents(n, d)
         r = bench_top_k(latents, args.repeats, args.top_k, args.nprobe)
@@ -205,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{d:>5} {r['sigma_star']:>7.3f} {s:>7.3f} {1e3 * med['exact']:>9.1f} "
                   f"{1e3 * med['fixed']:>9.1f} {med['exact'] / med['fixed']:>8.1f} {err['fixed']:>13.2e} "
                   f"{1e3 * med['adaptive']:>11.1f} {med['exact'] / med['adaptive']:>8.1f} "
-                  f"{err['adaptive']:>13.2e}", flush=True)
-        print(f"      (index: nlist={r['nlist']}, nprobe={r['nprobe']}, build {r['build']:.1f} s, "
+                  f"{err['adaptive']:>13.2e} {1e3 * med['tail']:>8.1f} "
+                  f"{med['exact'] / med['tail']:>8.1f} {err['tail']:>13.2e}", flush=True)
+        print(f"      (tail projection {r['tail_build']:.1f} s; "
+              f"index: nlist={r['nlist']}, nprobe={r['nprobe']}, build {r['build']:.1f} s, "
               f"{r['index_bytes'] / 2**20:.0f} MB = {100 * r['index_bytes'] / (latents.numel() * 4):.1f}% "
               f"of the reference)")
         del latents

@@ -57,6 +57,14 @@ that would need K > N/8 take the exact pass, as do queries at s = 1 (uniform wei
 holds when FAISS returns the true K nearest (exact search); through an index it is an
 estimate, and near σ*, where the posterior is spread and the query is mostly noise, the
 approximate search can miss heavy samples (see ``benchmarks/oracle.py``).
+
+*Tail estimate* (``tail=True``). Near σ* the posterior spreads over thousands of samples and no
+small K holds it. Queries whose bound exceeds ``max_dropped`` then get exact weights on their
+8 K best samples by a projected score and a log-normal estimate of the sum over all the others,
+from a rank-128 principal projection of the set plus each sample's residual norm
+(``steersample._tail``). It is an estimate: ``dropped_mass`` reports the estimated share of the
+tail. At N = 1e5, D = 4096 it is 12x faster than the exact pass at σ* with relative velocity
+error 7.7e-4, where fixed K = 64 errs by 7e-2 (``benchmarks/oracle.py --top-k-only``).
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ import torch
 from steersample._checks import check_labels, check_positive_int, check_sigma
 from steersample._oracle_math import (_GATHER_ELEMENTS, _Acc, _best_candidates, _error_bounds,
                                       _exact_logits, _pair_logits, _update, _update_pairs)
+from steersample._tail import tail_pass
 from steersample.reference import ReferenceSet, _groups
 
 __all__ = ["EmpiricalOracle", "Posterior", "OracleOutput"]
@@ -76,6 +85,7 @@ __all__ = ["EmpiricalOracle", "Posterior", "OracleOutput"]
 _CHUNK_ELEMENTS = 1 << 20       # default chunk: about 4 MB of float32 reference rows
 _SCORE_ELEMENTS = 1 << 21       # queries x chunk scores per block (float64: 16 MB)
 _FLOAT64_COPY_ELEMENTS = 1 << 20  # references up to this size keep a cached float64 copy (8 MB)
+TAIL_CANDIDATES = 8             # tail pass: exact weights on 8 K samples per query
 
 
 @dataclass(frozen=True)
@@ -124,12 +134,17 @@ class EmpiricalOracle:
             ``steersample.reference.AUTO_INDEX_MIN`` rows (a store: when it has an index).
         nprobe: IVF lists visited per query in approximate top-k mode.
         drop_tolerance: δ, the posterior mass the exact mode may leave out (default 1e-12).
+        tail: in top-k mode, queries whose dropped-mass bound exceeds ``max_dropped`` get exact
+            weights on their ``8 K`` best samples by a rank-128 projected score and a
+            log-normal *estimate* of all the others (``steersample._tail``; the projection is
+            computed once per reference set), instead of larger K or the exact pass. Their
+            ``dropped_mass`` is then the estimated share of that tail, not a bound.
     """
 
     def __init__(self, reference: ReferenceSet, *, chunk_size: int | None = None,
                  top_k: int | None = None, max_dropped: float | None = 1e-4,
                  approximate: bool | None = None, nprobe: int | None = None,
-                 drop_tolerance: float = 1e-12) -> None:
+                 drop_tolerance: float = 1e-12, tail: bool = False) -> None:
         if not isinstance(reference, ReferenceSet):
             raise TypeError(
                 f"reference must be a steersample.ReferenceSet, got {type(reference).__name__}; "
@@ -151,6 +166,12 @@ class EmpiricalOracle:
         if not (0.0 < float(drop_tolerance) < 1.0):
             raise ValueError(f"drop_tolerance must lie in (0, 1), got {drop_tolerance}")
         self.drop_tolerance = float(drop_tolerance)
+        if not isinstance(tail, bool):
+            raise TypeError(f"tail must be True or False, got {tail!r}")
+        if tail and (self.top_k is None or self.max_dropped is None):
+            raise ValueError("tail=True estimates what top-k mode drops: pass top_k=K and keep "
+                             "max_dropped set (e.g. max_dropped=1e-4)")
+        self.tail = tail
 
     def __repr__(self) -> str:
         mode = "exact" if self.top_k is None else f"top_k={self.top_k}"
@@ -304,7 +325,8 @@ class EmpiricalOracle:
                want_mean: bool) -> _Acc:
         """Top-K candidates by FAISS, exact weights on them (module docstring). With
         ``max_dropped`` set, K is multiplied by 4 for the queries whose dropped-mass bound
-        exceeds it; queries that would need K > N/8 (and those at σ = 1) take the exact pass."""
+        exceeds it; queries that would need K > N/8 (and those at σ = 1) take the exact pass.
+        With ``tail=True`` the queries over the bound take the tail pass instead."""
         ref = self.reference
         n = len(ref) if label is None else ref.indices(label).numel()
         b, dim = q.shape
@@ -333,14 +355,23 @@ class EmpiricalOracle:
             if want_mean:
                 acc.A[rows] = best.A[done]
             pending = pending[~done]
+            if pending.numel() and self.tail and TAIL_CANDIDATES * self.top_k < n:
+                pool = None if label is None else ref.indices(label)
+                _put(acc, pending, tail_pass(ref, q[pending], s[pending], pool,
+                                             TAIL_CANDIDATES * self.top_k, want_mean), want_mean)
+                break
             k = min(4 * k, n)
             if pending.numel() and 8 * k > n:  # too spread for top-k: exact pass
                 exact = torch.cat([exact, pending])
                 break
         if exact.numel():
-            sub = self._exact(q[exact], s[exact], label, want_mean)
-            for name in ("m", "S", "Q", "H", "best", "n_drop", "drop_max"):
-                getattr(acc, name)[exact] = getattr(sub, name)
-            if want_mean:
-                acc.A[exact] = sub.A
+            _put(acc, exact, self._exact(q[exact], s[exact], label, want_mean), want_mean)
         return acc
+
+
+def _put(acc: _Acc, rows: torch.Tensor, sub: _Acc, want_mean: bool) -> None:
+    """Write the accumulators of a sub-batch into rows ``rows`` of ``acc``."""
+    for name in ("m", "S", "Q", "H", "best", "n_drop", "drop_max"):
+        getattr(acc, name)[rows] = getattr(sub, name)
+    if want_mean:
+        acc.A[rows] = sub.A
