@@ -59,7 +59,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     from steersample.geometry import as_denoiser
-    from steersample.reference import ReferenceSet
+    from steersample.reference.reference_set import ReferenceSet
     from steersample.testing import tiny_dit_transformer
 
     shape = (args.channels, args.dim_side, args.dim_side)

@@ -143,7 +143,7 @@ def bench_top_k(latents: torch.Tensor, repeats: int, top_k: int, nprobe: int | N
              "adaptive": ss.EmpiricalOracle(ref, top_k=top_k, approximate=True, max_dropped=1e-4),
              "tail": ss.EmpiricalOracle(ref, top_k=top_k, approximate=True, max_dropped=1e-4,
                                         tail=True)}
-    from steersample._tail import tail_model
+    from steersample.oracle._tail import tail_model
 
     t0 = time.perf_counter()
     tail_model(ref)                      # the rank-128 projection, once per reference set

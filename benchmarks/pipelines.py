@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from steersample.guidance import GuidanceSchedule
+from steersample.sampling.guidance import GuidanceSchedule
 from steersample.pipelines import SteeredFluxPipeline, SteeredStableDiffusion3Pipeline
 from steersample.testing import tiny_flux_pipeline, tiny_sd3_pipeline
 

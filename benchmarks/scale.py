@@ -77,8 +77,8 @@ class Structured:
 
 def make_store(folder: Path, n: int, side: int, shard: int = 65_536) -> tuple[Structured, float]:
     """Write n structured rows as a store; returns the generator and the seconds spent writing."""
-    from steersample.index import SearchKey
-    from steersample.store import StoreWriter
+    from steersample.reference.index import SearchKey
+    from steersample.reference.store import StoreWriter
 
     data = Structured(n, side)
     sizes = [min(shard, n - i) for i in range(0, n, shard)]
@@ -135,8 +135,8 @@ def timed(fn, repeats: int = 3):
 def search_section(work: Path, sizes: list[int], queries: int, build_rows: list) -> list[list]:
     import faiss
 
-    from steersample.index import exact_knn
-    from steersample.sharded import ShardedReferenceSet
+    from steersample.reference.index import exact_knn
+    from steersample.reference.sharded import ShardedReferenceSet
 
     rows = []
     for n in sizes:
@@ -186,7 +186,7 @@ def default_transformer():
 
 def oracle_section(work: Path, n: int, batch: int) -> tuple[list[list], str]:
     import steersample as ss
-    from steersample.sharded import ShardedReferenceSet
+    from steersample.reference.sharded import ShardedReferenceSet
 
     folder = work / f"oracle-{n}"
     data, _ = make_store(folder, n, 8)

@@ -11,7 +11,7 @@ Prints two tables (CPU, offline, a few seconds):
    navigation fractions 0.5 and 0.7. "above" counts evaluated σ_i > σ* (the appended terminal
    0 is not evaluated).
 2. **Model evaluations with and without a CFG window**, counted exactly: the project's
-   denoising loop (``steersample.sampling.sample``) runs with a model stub that counts its
+   denoising loop (``steersample.sampling.loop.sample``) runs with a model stub that counts its
    calls (batch 1, one call per pass), once with CFG everywhere and once with the window;
    the count is checked against ``N + #{σ_i in the window}`` and against the diffusers-guider
    protocol (``ScheduledClassifierFreeGuidance``: one transformer call per prepared batch).
@@ -29,13 +29,14 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from steersample.data import load_digits
-from steersample.guidance import GuidanceSchedule
-from steersample.guider import ScheduledClassifierFreeGuidance
-from steersample.phases import PhaseProfile
-from steersample.reference import ReferenceSet
-from steersample.sampling import Conditioning, sample
-from steersample.scheduler import PhaseAwareFlowMatchScheduler
-from steersample.schedules import calculate_mu, count_above
+from steersample.sampling.guidance import GuidanceSchedule
+from steersample.sampling.guider import ScheduledClassifierFreeGuidance
+from steersample.oracle.phases import PhaseProfile
+from steersample.reference.reference_set import ReferenceSet
+from steersample.sampling.loop import sample
+from steersample.sampling.protocol import Conditioning
+from steersample.sampling.scheduler import PhaseAwareFlowMatchScheduler
+from steersample.sampling.schedules import calculate_mu, count_above
 
 __all__ = ["main"]
 
@@ -72,7 +73,7 @@ def table_steps(boundary: float) -> str:
 
 
 class CountingModel:
-    """``model_fn`` for :func:`steersample.sampling.sample`: counts passes, returns v = x (stub)."""
+    """``model_fn`` for :func:`steersample.sampling.loop.sample`: counts passes, returns v = x (stub)."""
 
     def __init__(self):
         self.calls = 0

@@ -45,7 +45,7 @@ class StudioModel:
         class_names: the label shown for each class id (class models).
         description: one line shown under the model menu.
         default_class: the class selected when the model is picked (default 0).
-        digits: samples are 8×8 digits in [-1, 1], so ``steersample.judge`` (a classifier
+        digits: samples are 8×8 digits in [-1, 1], so ``steersample.evaluation.judge`` (a classifier
             fitted on real digits) can say which digit each sample reads as.
     """
 
@@ -88,7 +88,7 @@ class StudioModel:
         """
         if self.reference is None:
             return None
-        from steersample.phases import PhaseProfile
+        from steersample.oracle.phases import PhaseProfile
 
         labelled = self.reference.labels is not None and class_id is not None
         key = int(class_id) if labelled else None
@@ -196,7 +196,7 @@ class ArmResult:
         seconds: wall time of the pipeline call.
         guidance: the arm's ``GuidanceSchedule``.
         nearest_images: ``(B, H, W, C)`` nearest training image of each sample, or None.
-        judge_labels: the digit ``steersample.judge.classify`` reads in each sample, or None
+        judge_labels: the digit ``steersample.evaluation.judge.classify`` reads in each sample, or None
             (models that are not digits models).
     """
 
@@ -246,7 +246,7 @@ def _arm_pipeline(model: StudioModel, scheduler_options: dict[str, Any] | None):
     """A shallow per-request pipeline: shared modules, own scheduler and call attributes."""
     components = dict(model.pipe.components)
     if scheduler_options is not None:
-        from steersample.scheduler import PhaseAwareFlowMatchScheduler
+        from steersample.sampling.scheduler import PhaseAwareFlowMatchScheduler
 
         components["scheduler"] = PhaseAwareFlowMatchScheduler.from_config(
             model.pipe.scheduler.config, **scheduler_options)
@@ -279,7 +279,7 @@ def _run_arm(name: str, model: StudioModel, request: StudioRequest, guidance: An
         nearest = pipe.decode(model.reference.latents[index].float(), "np")
     judged = None
     if model.digits and tuple(latents.shape[1:]) == (1, 8, 8):
-        from steersample.judge import classify
+        from steersample.evaluation.judge import classify
 
         judged = tuple(int(c) for c in classify(latents.clamp(-1.0, 1.0).cpu()))
     return ArmResult(name, np.asarray(images, dtype=np.float32), latents.cpu(), seeds,

@@ -91,7 +91,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _registry() -> dict[str, type]:
-    """``steersample.steering.STEERERS``, complete.
+    """``steersample.steering.registry.STEERERS``, complete.
 
     Steerers register themselves when their module is imported, and every public steerer is
     exported at top level (``DESIGN.md``), so importing the modules of the package's public
@@ -101,7 +101,7 @@ def _registry() -> dict[str, type]:
     import logging
 
     import steersample
-    from steersample.steering import STEERERS
+    from steersample.steering.registry import STEERERS
 
     for module in sorted(set(steersample._EXPORTS.values())):
         try:
@@ -112,7 +112,7 @@ def _registry() -> dict[str, type]:
 
 
 def steerer_names() -> list[str]:
-    """Registered steerers (``steersample.steering.STEERERS``), ``"none"`` first."""
+    """Registered steerers (``steersample.steering.registry.STEERERS``), ``"none"`` first."""
     return sorted(_registry(), key=lambda name: (name != "none", name))
 
 
@@ -330,8 +330,8 @@ def plan_runs(request: StudioRequest, boundary_sigma: float | None) -> RunPlan:
         ValueError: a relative window or the phase-aware schedule without a usable σ*, or a
             steerer that rejects its strength.
     """
-    from steersample.guidance import GuidanceSchedule
-    from steersample.steering import make_steerer
+    from steersample.sampling.guidance import GuidanceSchedule
+    from steersample.steering.registry import make_steerer
 
     w = request.guidance_scale
     if request.window_relative:

@@ -1,11 +1,11 @@
-"""Argument handling shared by the steered pipelines (no loop here: that is ``steersample.sampling``).
+"""Argument handling shared by the steered pipelines (no loop here: that is ``steersample.sampling.loop``).
 
 Every steered pipeline resolves its extra arguments the same way, before any model call:
 
 - :func:`resolve_guidance`: ``guidance=`` (a ``GuidanceSchedule`` or a float) versus the stock
   scale argument (``guidance_scale`` for SD3 and the class-conditional pipeline,
   ``true_cfg_scale`` for Flux), which means ``GuidanceSchedule(scale=w)``;
-- :func:`steersample.steering.resolve_steering`: names or instances, reference requirements;
+- :func:`steersample.steering.registry.resolve_steering`: names or instances, reference requirements;
 - :func:`check_reference`, :func:`check_latents`: shapes and finiteness;
 - :func:`per_run_scheduler`: a copy of the pipeline's scheduler with its timesteps set, so that
   concurrent calls on one pipeline do not share scheduler state.
@@ -67,7 +67,7 @@ def resolve_guidance(guidance: Any, scale: float | None, default: float, scale_n
         ValueError: both are given and ``guidance`` is not the constant schedule ``scale`` means.
         TypeError: ``guidance`` is neither a number nor a schedule.
     """
-    from steersample.guidance import GuidanceSchedule
+    from steersample.sampling.guidance import GuidanceSchedule
 
     if guidance is not None and not isinstance(guidance, GuidanceSchedule):
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):

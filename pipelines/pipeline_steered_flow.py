@@ -33,8 +33,9 @@ from steersample.pipelines._common import (
     uses_uncond,
     wants_telemetry,
 )
-from steersample.sampling import Conditioning, sample
-from steersample.steering import resolve_steering
+from steersample.sampling.loop import sample
+from steersample.sampling.protocol import Conditioning
+from steersample.steering.registry import resolve_steering
 
 with quiet_transformers():  # the SD3 module builds CLIP/SigLIP processors that warn without torchvision
     from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift

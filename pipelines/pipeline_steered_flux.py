@@ -38,8 +38,9 @@ from steersample.pipelines._common import (
     uses_uncond,
     wants_telemetry,
 )
-from steersample.sampling import Conditioning, LatentLayout, sample
-from steersample.steering import resolve_steering
+from steersample.sampling.loop import sample
+from steersample.sampling.protocol import Conditioning, LatentLayout
+from steersample.steering.registry import resolve_steering
 
 __all__ = ["SteeredFluxPipeline"]
 
@@ -47,7 +48,7 @@ logger = logging.get_logger(__name__)
 
 
 class SteeredFluxPipeline(FluxPipeline):
-    """``FluxPipeline`` driven by ``steersample.sampling.sample`` (see the module docstring).
+    """``FluxPipeline`` driven by ``steersample.sampling.loop.sample`` (see the module docstring).
 
     Extra keyword arguments of ``__call__`` (keyword-only): ``guidance``, ``steering``,
     ``reference``, ``return_telemetry``, as in ``SteeredStableDiffusion3Pipeline``.

@@ -4,7 +4,7 @@ A subclass of diffusers' ``StableDiffusion3Pipeline`` that keeps every stock arg
 ``guidance=`` (a ``GuidanceSchedule`` or float), ``steering=``, ``reference=`` and
 ``return_telemetry=``. It prepares inputs as the stock pipeline does (same prompt encoding, same
 ``[negative, positive]`` batching, same latents and timesteps) and hands the denoising to
-``steersample.sampling.sample``; with neutral settings its output equals the stock pipeline's.
+``steersample.sampling.loop.sample``; with neutral settings its output equals the stock pipeline's.
 
     pipe = SteeredStableDiffusion3Pipeline.from_pipe(stock_sd3)
     out = pipe("a cat", guidance=GuidanceSchedule(scale=7.0, window=(0.4, 0.9)), return_telemetry=True)
@@ -32,8 +32,10 @@ from steersample.pipelines._common import (
     uses_uncond,
     wants_telemetry,
 )
-from steersample.sampling import Conditioning, StepState, sample
-from steersample.steering import SteeringOutput, resolve_steering
+from steersample.sampling.loop import sample
+from steersample.sampling.protocol import Conditioning, StepState
+from steersample.sampling.protocol import SteeringOutput
+from steersample.steering.registry import resolve_steering
 
 __all__ = ["SteeredStableDiffusion3Pipeline"]
 
@@ -74,7 +76,7 @@ class _SkipLayerGuidance:
 
 
 class SteeredStableDiffusion3Pipeline(StableDiffusion3Pipeline):
-    """``StableDiffusion3Pipeline`` driven by ``steersample.sampling.sample``.
+    """``StableDiffusion3Pipeline`` driven by ``steersample.sampling.loop.sample``.
 
     Extra keyword arguments of ``__call__`` (all keyword-only):
         guidance: ``GuidanceSchedule`` or float; excludes a different ``guidance_scale``.

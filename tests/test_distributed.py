@@ -132,7 +132,7 @@ def tiny_model_folder(folder: Path) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from steersample.data import load_digits, split_indices
-    from steersample.reference import ReferenceSet
+    from steersample.reference.reference_set import ReferenceSet
     from steersample.testing import tiny_dit_transformer
 
     rare, frequent = (2, 4, 8), (0, 1, 3, 5, 6, 7, 9)

@@ -16,7 +16,7 @@ __all__ = ["render_markdown", "render_sheet", "summarise"]
 
 def _group(report, samples, labels, held_x, held_y, classes) -> dict:
     """Copy rate, accuracy and FD pooled over the samples of ``classes``."""
-    from steersample.judge import frechet_distance
+    from steersample.evaluation.judge import frechet_distance
 
     figures = report.for_classes(classes)
     mask = torch.isin(labels, torch.tensor(list(classes), dtype=labels.dtype))

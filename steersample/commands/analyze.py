@@ -147,7 +147,7 @@ def _dimension_vs_sigma(pipe, ref, points, sigmas, gen, tick) -> dict:
 
 def _dimension_vs_size(ref, frequent_points, sizes, sub_sigmas, gen, tick) -> dict:
     from steersample.geometry import as_denoiser, local_dimension
-    from steersample.reference import ReferenceSet
+    from steersample.reference.reference_set import ReferenceSet
 
     x0, labs = frequent_points
     noise = torch.randn(x0.shape, generator=gen)
@@ -170,7 +170,7 @@ def _dimension_vs_size(ref, frequent_points, sizes, sub_sigmas, gen, tick) -> di
 
 def _traces(pipe, ref, classes, args, gen, tick) -> list[dict]:
     from steersample.geometry import as_denoiser, ridge_trace
-    from steersample.metrics import nn_ratio
+    from steersample.evaluation.metrics import nn_ratio
 
     grid = torch.linspace(1.0, 0.0, args.steps + 1, dtype=torch.float64)[1:-1]
     out = []

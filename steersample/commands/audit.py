@@ -65,7 +65,7 @@ def _validate(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from steersample.audit import default_grid, quick_grid, run_audit, select_best, targets
+    from steersample.evaluation.audit import default_grid, quick_grid, run_audit, select_best, targets
     from steersample.commands.compare import _check_writable, _write_atomic
     from steersample.default import load_default, load_default_info
 
@@ -170,7 +170,7 @@ def render_markdown(summary: dict) -> str:
     lines += ["", f"Best steered setting: **{summary['best']}** (the issue's limits in tiers: "
               "rare copy <= 0.05, rare accuracy >= 0.9, frequent FD within 2 % and frequent "
               "copy unchanged, rare accuracy at least the Jain presets', then the lowest rare FD; see "
-              "`steersample.audit.select_best`). "
+              "`steersample.evaluation.audit.select_best`). "
               "The sheet shows rare-class samples: nearest training image of each plain sample, "
               "plain, Jain delayed, Jain opposite, best.", "", "## Detection on plain sampling", "",
               "AUROC / TPR at 1 % FPR of \"this sample is a copy\" from each detector's score "

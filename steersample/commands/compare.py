@@ -4,7 +4,7 @@ Loads the embedded default model (or --model FOLDER written by scripts/train_def
 draws --samples images of every requested class twice from the same initial noise: once plain
 (constant CFG at --guidance) and once steered (the setting named in the report; today the
 same CFG plus AttractorRepulsion, the best setting of `steersample audit`). Every sample is
-judged by steersample.judge:
+judged by steersample.evaluation.judge:
 copy = ratio test d(NN1)/d(NN2) < 1/3 against the model's training set; class accuracy = an
 SVC trained on all 1,797 digits; FD to the held-out digits in a fixed 16-d PCA space;
 diversity = mean pairwise distance.
@@ -67,9 +67,9 @@ def settings(guidance: float) -> tuple[Setting, Setting]:
     1.000, FD 4.29 against 4.53. In the audit the frequent classes keep their figures (FD 3.299
     = plain); only a frequent-class sample that falls into one training image is steered.
     """
-    from steersample.attractor import AttractorRepulsion
-    from steersample.audit import BEST_STRENGTH
-    from steersample.guidance import GuidanceSchedule
+    from steersample.steering.attractor import AttractorRepulsion
+    from steersample.evaluation.audit import BEST_STRENGTH
+    from steersample.sampling.guidance import GuidanceSchedule
 
     plain = Setting("plain", f"constant CFG {guidance:g}", GuidanceSchedule.constant(guidance))
     steered = Setting(
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     from steersample.commands._compare_report import render_markdown, render_sheet, summarise
     from steersample.default import held_out_digits, load_default, load_default_info
     from steersample.distributed import Distributed
-    from steersample.judge import judge
+    from steersample.evaluation.judge import judge
 
     classes = _validate(args)
     world = Distributed()   # several processes under `accelerate launch`, else this one

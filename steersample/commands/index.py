@@ -8,7 +8,7 @@
 existing ReferenceSet file, writes safetensors shards into OUT, then a FAISS index chosen by
 size (flat, HNSW, IVF, IVF-PQ) over the search keys (the latents, or --pool F average-pooled
 copies). Re-running the same command resumes an interrupted build: finished shards are kept,
-never recomputed. Open the result with steersample.sharded.ShardedReferenceSet.open(OUT).
+never recomputed. Open the result with steersample.reference.sharded.ShardedReferenceSet.open(OUT).
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def load_vae(path: Path, device: str = "cpu"):
 
 
 def _build(args: argparse.Namespace) -> int:
-    from steersample.index import SearchKey
-    from steersample.sharded import ShardedReferenceSet
+    from steersample.reference.index import SearchKey
+    from steersample.reference.sharded import ShardedReferenceSet
 
     for name in ("shard_size", "batch_size", "pool"):
         if getattr(args, name) < 1:
@@ -96,7 +96,7 @@ def _build(args: argparse.Namespace) -> int:
     key = SearchKey(args.pool)
     start = time.perf_counter()
     if args.images is not None:
-        from steersample.encode import encode_folder
+        from steersample.reference.encode import encode_folder
 
         if args.vae is None:
             raise ValueError("--images needs --vae FOLDER (the pipeline whose latents the store holds)")
@@ -106,8 +106,8 @@ def _build(args: argparse.Namespace) -> int:
                                  labels_from_folders=args.labels_from_folders,
                                  progress=not args.no_progress)
     else:
-        from steersample.reference import ReferenceSet
-        from steersample.store import write_store
+        from steersample.reference.reference_set import ReferenceSet
+        from steersample.reference.store import write_store
 
         ref = ReferenceSet.load(args.tensor)
         manifest = write_store(args.out, ref.latents, ref.labels, shard_size=args.shard_size, key=key,
@@ -126,7 +126,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from steersample.sharded import ShardedReferenceSet
+    from steersample.reference.sharded import ShardedReferenceSet
 
     ref = ShardedReferenceSet.open(args.out, verify=args.verify)
     m = ref.manifest

@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from steersample.data import load_digits
-    from steersample.phases import PhaseProfile
-    from steersample.reference import ReferenceSet
+    from steersample.oracle.phases import PhaseProfile
+    from steersample.reference.reference_set import ReferenceSet
 
     if args.num_queries < 1:
         raise ValueError(f"--num-queries must be >= 1, got {args.num_queries}")

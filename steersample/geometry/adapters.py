@@ -37,8 +37,8 @@ class OracleDenoiser:
     """
 
     def __init__(self, reference: Any, label: int | None = None, top_k: int | None = None) -> None:
-        from steersample.oracle import EmpiricalOracle
-        from steersample.reference import ReferenceSet
+        from steersample.oracle.empirical import EmpiricalOracle
+        from steersample.reference.reference_set import ReferenceSet
 
         if isinstance(reference, EmpiricalOracle):
             if top_k is None:
@@ -100,8 +100,8 @@ def as_denoiser(model: Any, *, labels: int | torch.Tensor | None = None,
             ``encoder_hidden_states``, ``pooled_projections``, ``joint_attention_kwargs``).
         top_k: oracle only: keep the K heaviest reference samples per query.
     """
-    from steersample.oracle import EmpiricalOracle
-    from steersample.reference import ReferenceSet
+    from steersample.oracle.empirical import EmpiricalOracle
+    from steersample.reference.reference_set import ReferenceSet
 
     label = _one_label(labels)
     if isinstance(model, (EmpiricalOracle, ReferenceSet)):

@@ -170,8 +170,8 @@ def project_to_ridge(reference, x: torch.Tensor, sigma: float, *, dim: int = 1, 
         :class:`RidgeProjection`.
     """
     from steersample._checks import check_labels, check_positive_int
-    from steersample.oracle import EmpiricalOracle
-    from steersample.reference import ReferenceSet, _groups
+    from steersample.oracle.empirical import EmpiricalOracle
+    from steersample.reference.reference_set import ReferenceSet, _groups
 
     if isinstance(reference, EmpiricalOracle):
         reference = reference.reference

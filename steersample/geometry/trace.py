@@ -68,7 +68,7 @@ def ridge_trace(denoise_fn, reference, x: torch.Tensor, sigmas: torch.Tensor | l
         dim, k, max_iter, tol, refresh_every: passed to :func:`project_to_ridge`.
         progress: optional callable run once per grid point (e.g. a tqdm ``update``).
     """
-    from steersample.oracle import EmpiricalOracle
+    from steersample.oracle.empirical import EmpiricalOracle
 
     oracle = reference if isinstance(reference, EmpiricalOracle) else EmpiricalOracle(reference)
     sig = torch.as_tensor(sigmas, dtype=torch.float64).flatten()

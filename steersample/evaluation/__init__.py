@@ -1,0 +1,41 @@
+"""Evaluation: how samples are judged.
+
+``metrics`` (ratio copy test, data-copying test, precision/recall), the independent digit
+judge (``judge``) and the audit of steering methods (``audit``). Built on everything below.
+"""
+
+from __future__ import annotations
+
+from steersample._lazy import lazy_exports
+
+_EXPORTS: dict[str, str] = {
+    "Method": "steersample.evaluation.audit",
+    "default_grid": "steersample.evaluation.audit",
+    "quick_grid": "steersample.evaluation.audit",
+    "MethodResult": "steersample.evaluation.audit",
+    "AuditResult": "steersample.evaluation.audit",
+    "run_audit": "steersample.evaluation.audit",
+    "select_best": "steersample.evaluation.audit",
+    "targets": "steersample.evaluation.audit",
+    "BEST_STRENGTH": "steersample.evaluation.audit",
+    "REFERENCE_FREE": "steersample.evaluation.audit",
+    "DETECTOR_FRACTIONS": "steersample.evaluation.audit",
+    "FEATURE_DIM": "steersample.evaluation.judge",
+    "ClassJudgement": "steersample.evaluation.judge",
+    "JudgeReport": "steersample.evaluation.judge",
+    "class_accuracy": "steersample.evaluation.judge",
+    "classify": "steersample.evaluation.judge",
+    "copy_flags": "steersample.evaluation.judge",
+    "digit_features": "steersample.evaluation.judge",
+    "diversity": "steersample.evaluation.judge",
+    "frechet_distance": "steersample.evaluation.judge",
+    "judge": "steersample.evaluation.judge",
+    "judge_classifier": "steersample.evaluation.judge",
+    "COPY_THRESHOLD": "steersample.evaluation.metrics",
+    "nn_ratio": "steersample.evaluation.metrics",
+    "copy_rate": "steersample.evaluation.metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,208 @@
+"""``PhaseAwareFlowMatchScheduler``: diffusers' flow-matching Euler scheduler, plus a phase-aware grid.
+
+With ``phase_boundary`` unset it *is* ``FlowMatchEulerDiscreteScheduler``: every stock option
+(static and dynamic shift, ``shift_terminal``, custom ``sigmas``/``timesteps``, Karras/exponential/
+beta spacing, stochastic sampling) runs diffusers' own code, so sigmas, timesteps and ``step``
+outputs are identical. With ``phase_boundary = σ*`` (a number or a ``PhaseProfile``) the grid
+from :func:`steersample.sampling.schedules.phase_aware_sigmas` replaces the stock spacing::
+
+    sched = PhaseAwareFlowMatchScheduler.from_config(pipe.scheduler.config,
+                                                     phase_boundary=profile, navigation_fraction=0.6)
+    pipe.scheduler = sched            # works in stock StableDiffusion3Pipeline and FluxPipeline
+
+What the phase-aware grid keeps from the stock one: the step count and both endpoints. diffusers
+first computes the stock grid for the same call (so ``mu``, ``shift``, ``shift_terminal`` and the
+``sigmas`` a pipeline passes decide ``σ_max`` = its first and ``σ_min`` = its last evaluated σ);
+the steps in between are then redistributed so that exactly
+``round(navigation_fraction · N)`` of the N evaluated σ lie above σ*. In phase mode the
+``sigmas`` argument thus fixes only N and the endpoints (FluxPipeline always passes
+``linspace(1, 1/N, N)``), and explicit ``timesteps`` are refused.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from typing import Any, Literal
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.configuration_utils import register_to_config
+
+from steersample.sampling.schedules import phase_aware_sigmas
+
+__all__ = ["PhaseAwareFlowMatchScheduler", "DEFAULT_NAVIGATION_FRACTION"]
+
+DEFAULT_NAVIGATION_FRACTION = 0.5
+
+
+def _boundary_value(phase_boundary: Any) -> float | None:
+    """``phase_boundary`` as a float σ* (reads ``.boundary_sigma`` from a PhaseProfile)."""
+    if phase_boundary is None:
+        return None
+    value = getattr(phase_boundary, "boundary_sigma", phase_boundary)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"phase_boundary must be a noise level in (0, 1) or a PhaseProfile, got {phase_boundary!r}."
+        )
+    value = float(value)
+    if not (math.isfinite(value) and 0.0 < value < 1.0):
+        raise ValueError(
+            f"phase_boundary must lie strictly between 0 (data) and 1 (noise), got {value!r}; pass "
+            "PhaseProfile.boundary_sigma, or None for the stock grid."
+        )
+    return value
+
+
+class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
+    """Flow-matching Euler scheduler whose grid can put a chosen share of steps above σ*.
+
+    Args:
+        (all ``FlowMatchEulerDiscreteScheduler`` arguments, same defaults and meaning)
+        phase_boundary: σ* in (0, 1), or a ``PhaseProfile`` (its ``boundary_sigma`` is stored in
+            the config as a float). None (default) = stock behaviour, bit for bit.
+        navigation_fraction: share of the evaluated steps placed above σ*, in (0, 1); None means
+            0.5 when ``phase_boundary`` is set. Only valid together with ``phase_boundary``.
+
+    The Euler update is the stock one, ``x_next = x + (σ_next − σ)·v`` (or the stochastic
+    re-noising variant); only the grid changes. See :func:`~steersample.sampling.schedules.phase_aware_sigmas`
+    for the grid's formula and how the share is counted.
+    """
+
+    _compatibles = ["FlowMatchEulerDiscreteScheduler"]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float | None = 0.5,
+        max_shift: float | None = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        invert_sigmas: bool = False,
+        shift_terminal: float | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        time_shift_type: Literal["exponential", "linear"] = "exponential",
+        stochastic_sampling: bool = False,
+        phase_boundary: float | None = None,
+        navigation_fraction: float | None = None,
+    ):
+        # the stock constructor body, without registering its arguments a second time
+        FlowMatchEulerDiscreteScheduler.__init__.__wrapped__(
+            self,
+            num_train_timesteps=num_train_timesteps,
+            shift=shift,
+            use_dynamic_shifting=use_dynamic_shifting,
+            base_shift=base_shift,
+            max_shift=max_shift,
+            base_image_seq_len=base_image_seq_len,
+            max_image_seq_len=max_image_seq_len,
+            invert_sigmas=invert_sigmas,
+            shift_terminal=shift_terminal,
+            use_karras_sigmas=use_karras_sigmas,
+            use_exponential_sigmas=use_exponential_sigmas,
+            use_beta_sigmas=use_beta_sigmas,
+            time_shift_type=time_shift_type,
+            stochastic_sampling=stochastic_sampling,
+        )
+        boundary = _boundary_value(phase_boundary)
+        if navigation_fraction is not None:
+            if boundary is None:
+                raise ValueError(
+                    f"navigation_fraction={navigation_fraction!r} needs a phase_boundary (the sigma it "
+                    "splits the steps at); pass phase_boundary=..., or navigation_fraction=None for the stock grid."
+                )
+            if isinstance(navigation_fraction, bool) or not isinstance(navigation_fraction, (int, float)):
+                raise TypeError(f"navigation_fraction must be a number in (0, 1), got {navigation_fraction!r}.")
+            if not (math.isfinite(navigation_fraction) and 0.0 < navigation_fraction < 1.0):
+                raise ValueError(
+                    f"navigation_fraction must lie strictly between 0 and 1, got {navigation_fraction!r}; "
+                    "it is the share of steps above the phase boundary, e.g. 0.5."
+                )
+            navigation_fraction = float(navigation_fraction)
+        if boundary is not None:
+            clashes = [
+                name
+                for name in ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+                if getattr(self.config, name)
+            ]
+            if clashes:
+                raise ValueError(
+                    f"phase_boundary replaces the grid spacing, so it cannot be combined with {clashes}; "
+                    "set those to False, or phase_boundary=None."
+                )
+        # store plain floats (a PhaseProfile is not JSON) so save/load round-trips
+        self.register_to_config(phase_boundary=boundary, navigation_fraction=navigation_fraction)
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """diffusers' ``from_config``, except that a misspelt option raises instead of being dropped.
+
+        Keyword arguments close to a config name (``phase_boundry``) raise ``TypeError``; other
+        extra keyword arguments pass through to diffusers as usual.
+        """
+        known = sorted(set(inspect.signature(cls.__init__).parameters) - {"self"})
+        for key in kwargs:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+                if close:
+                    raise TypeError(f"unknown scheduler option {key!r}; did you mean {close[0]!r}?")
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @property
+    def phase_aware(self) -> bool:
+        """True when ``phase_boundary`` is set (the phase-aware grid is used)."""
+        return self.config.phase_boundary is not None
+
+    @property
+    def effective_navigation_fraction(self) -> float | None:
+        """The share of steps above σ* actually used (0.5 when unset), None in stock mode."""
+        if not self.phase_aware:
+            return None
+        fraction = self.config.navigation_fraction
+        return DEFAULT_NAVIGATION_FRACTION if fraction is None else fraction
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device = None,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
+        timesteps: list[float] | None = None,
+    ):
+        """Stock ``set_timesteps``; in phase mode the stock grid's interior is then redistributed.
+
+        Sets ``self.sigmas`` (``(N + 1,)``, float32, terminal 0 appended) and ``self.timesteps``
+        (``(N,)`` = ``1000·σ``), exactly as diffusers does.
+        """
+        super().set_timesteps(
+            num_inference_steps=num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps
+        )
+        if not self.phase_aware:
+            return
+        if timesteps is not None:
+            raise ValueError(
+                "explicit timesteps conflict with the phase-aware grid; pass num_inference_steps (or "
+                "sigmas) instead, or use phase_boundary=None."
+            )
+        stock = self.sigmas  # (N + 1,), last entry the terminal 0
+        grid = phase_aware_sigmas(
+            len(stock) - 1,
+            self.config.phase_boundary,
+            self.effective_navigation_fraction,
+            sigma_max=stock[0].item(),
+            sigma_min=stock[-2].item(),
+            device=stock.device,
+        )
+        self.timesteps = grid * self.config.num_train_timesteps
+        self.sigmas = torch.cat([grid, torch.zeros(1, device=grid.device)])
+        self._step_index = None
+        self._begin_index = None

@@ -1,0 +1,265 @@
+"""Noise-level grids for flow-matching samplers: pure functions that return tensors.
+
+Convention (``SCIENCE.md``): σ ∈ [0, 1], σ = 1 is noise, diffusers ``timestep = 1000·σ``. A *grid*
+here is the list of **evaluated** noise levels ``σ_0 > σ_1 > … > σ_{N−1}`` (one model call
+each, what diffusers' ``set_timesteps(sigmas=...)`` takes); a scheduler appends the terminal
+σ_N = 0, which is never evaluated.
+
+* :func:`static_shift` — σ' = s·σ / (1 + (s − 1)·σ) (SD3's ``shift``).
+* :func:`dynamic_shift` — resolution-dependent shift, ``exponential``:
+  σ' = e^μ / (e^μ + (1/σ − 1)), or ``linear``: σ' = μ / (μ + (1/σ − 1)).
+* :func:`calculate_mu` and :func:`image_seq_len` — μ from the image token count, as the Flux and
+  SD3 pipelines compute it.
+* :func:`stock_sigmas` and :func:`flux_sigmas` — the grids stock diffusers samples on.
+* :func:`phase_aware_sigmas` — a grid with an exact share of steps above the phase boundary σ*
+  (Liu et al., arXiv 2512.02826: navigation above σ*, refinement below it).
+
+These match ``FlowMatchEulerDiscreteScheduler`` to float32 rounding (see ``tests/sampling/test_schedules.py``);
+the scheduler itself (``steersample.sampling.scheduler``) calls diffusers' own code for stock grids.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "static_shift",
+    "dynamic_shift",
+    "calculate_mu",
+    "image_seq_len",
+    "stock_sigmas",
+    "flux_sigmas",
+    "phase_aware_sigmas",
+    "navigation_steps",
+    "count_above",
+]
+
+
+def _as_tensor(sigmas: Tensor | list[float], dtype: torch.dtype = torch.float32) -> Tensor:
+    if isinstance(sigmas, Tensor):
+        return sigmas if sigmas.is_floating_point() else sigmas.to(dtype)
+    return torch.as_tensor(sigmas, dtype=dtype)
+
+
+def _check_positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+def _check_open_unit(name: str, value: float, hint: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in (0, 1), got {value!r} ({type(value).__name__}).")
+    value = float(value)
+    if not (math.isfinite(value) and 0.0 < value < 1.0):
+        raise ValueError(f"{name} must lie strictly between 0 and 1, got {value!r}; {hint}")
+    return value
+
+
+def static_shift(sigmas: Tensor | list[float], shift: float) -> Tensor:
+    """Static timestep shift ``σ' = s·σ / (1 + (s − 1)·σ)``; ``s > 1`` moves steps towards noise.
+
+    Args:
+        sigmas: noise levels, any shape (a list is read as float32).
+        shift: ``s > 0``; ``s = 1`` is the identity.
+
+    Returns:
+        Shifted σ, same shape, dtype and device as ``sigmas``.
+    """
+    if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift must be a finite number > 0, got {shift!r}; SD3 uses 3.0, 1.0 is no shift.")
+    sigmas = _as_tensor(sigmas)
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def dynamic_shift(
+    sigmas: Tensor | list[float], mu: float, kind: Literal["exponential", "linear"] = "exponential"
+) -> Tensor:
+    """Resolution-dependent shift (diffusers ``time_shift`` with exponent 1).
+
+    ``exponential``: ``σ' = e^μ / (e^μ + (1/σ − 1))`` (equals :func:`static_shift` with s = e^μ);
+    ``linear``: ``σ' = μ / (μ + (1/σ − 1))``. μ comes from :func:`calculate_mu`.
+
+    Returns:
+        Shifted σ, same shape, dtype and device as ``sigmas``.
+    """
+    if not (isinstance(mu, (int, float)) and math.isfinite(mu)):
+        raise ValueError(f"mu must be a finite number, got {mu!r}; compute it with calculate_mu(image_seq_len).")
+    sigmas = _as_tensor(sigmas)
+    if kind == "exponential":
+        c = torch.full_like(sigmas, math.exp(mu))
+    elif kind == "linear":
+        if mu <= 0:
+            raise ValueError(f"linear time shift needs mu > 0, got {mu!r}.")
+        c = torch.full_like(sigmas, mu)
+    else:
+        raise ValueError(f"kind must be 'exponential' or 'linear', got {kind!r}.")
+    # tensor / tensor divisions (correctly rounded, like numpy's) rather than scalar / tensor,
+    # which torch evaluates as a reciprocal times the scalar (two roundings)
+    return c / (c + (torch.ones_like(sigmas) / sigmas - 1))
+
+
+def calculate_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """μ for :func:`dynamic_shift`: linear in the image token count ``L``, as Flux and SD3 do.
+
+    ``μ = m·L + b`` with ``m = (max_shift − base_shift)/(max_seq_len − base_seq_len)`` and
+    ``b = base_shift − m·base_seq_len``. Pass the scheduler config's values (SD3's pipeline falls
+    back to ``max_shift = 1.16`` when its config lacks the key, Flux's to 1.15).
+    """
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+def image_seq_len(latent_height: int, latent_width: int, patch_size: int) -> int:
+    """Image token count ``(H // p)·(W // p)`` of a latent ``(C, H, W)`` with patch size ``p``.
+
+    SD3: the transformer's ``patch_size`` (2). Flux packs 2×2 latent patches, so its count is
+    ``image_seq_len(h, w, 2)`` for the unpacked latent ``h × w``.
+    """
+    return (latent_height // patch_size) * (latent_width // patch_size)
+
+
+def stock_sigmas(
+    num_steps: int,
+    shift: float = 1.0,
+    *,
+    mu: float | None = None,
+    time_shift_type: Literal["exponential", "linear"] = "exponential",
+    num_train_timesteps: int = 1000,
+) -> Tensor:
+    """The default grid of ``FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps)``.
+
+    diffusers spaces ``N`` timesteps linearly from ``1000·σ_max`` to ``1000·σ_min`` where
+    ``σ_max = 1`` and ``σ_min`` is the *already shifted* ``1/num_train_timesteps``, then shifts
+    again: static ``shift``, or :func:`dynamic_shift` with ``mu`` when ``mu`` is given (its
+    ``σ_min`` is then unshifted, as in diffusers' ``use_dynamic_shifting``).
+
+    Returns:
+        ``(num_steps,)`` float32 evaluated σ (without the terminal 0).
+    """
+    _check_positive_int("num_steps", num_steps)
+    # diffusers' __init__: float32 grid of num_train_timesteps levels, statically shifted
+    t_min = torch.tensor(1.0 / num_train_timesteps, dtype=torch.float32)
+    if mu is None:
+        t_min = static_shift(t_min, shift)
+    # set_timesteps: float64 linspace of timesteps, shift in float64, cast to float32 at the end
+    timesteps = torch.linspace(
+        float(num_train_timesteps), t_min.item() * num_train_timesteps, num_steps, dtype=torch.float64
+    )
+    sigmas = timesteps / num_train_timesteps
+    sigmas = static_shift(sigmas, shift) if mu is None else dynamic_shift(sigmas, mu, time_shift_type)
+    return sigmas.to(torch.float32)
+
+
+def flux_sigmas(num_steps: int, mu: float, time_shift_type: Literal["exponential", "linear"] = "exponential") -> Tensor:
+    """The grid ``FluxPipeline`` samples on: ``linspace(1, 1/N, N)`` shifted with ``mu``.
+
+    Returns:
+        ``(num_steps,)`` float32 evaluated σ (without the terminal 0).
+    """
+    _check_positive_int("num_steps", num_steps)
+    sigmas = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64).to(torch.float32)
+    return dynamic_shift(sigmas, mu, time_shift_type)
+
+
+def navigation_steps(num_steps: int, navigation_fraction: float) -> int:
+    """Steps above σ* in :func:`phase_aware_sigmas`: ``K = round(navigation_fraction · num_steps)``.
+
+    Python's ``round`` (ties go to the even integer, e.g. 0.5·5 = 2.5 → 2). Raises unless
+    ``1 ≤ K ≤ num_steps − 1`` (the grid starts above σ* and ends below it).
+    """
+    _check_positive_int("num_steps", num_steps)
+    fraction = _check_open_unit(
+        "navigation_fraction", navigation_fraction, "it is the share of steps above the phase boundary, e.g. 0.5."
+    )
+    k = round(fraction * num_steps)
+    if not 1 <= k <= num_steps - 1:
+        raise ValueError(
+            f"too few steps for the split: navigation_fraction={fraction!r} of num_steps={num_steps} gives "
+            f"round({fraction * num_steps!r}) = {k} steps above the phase boundary and {num_steps - k} below; "
+            "a phase-aware grid needs at least one on each side. Use more steps (at least 2) or a "
+            "fraction nearer 0.5."
+        )
+    return k
+
+
+def phase_aware_sigmas(
+    num_steps: int,
+    boundary_sigma: float,
+    navigation_fraction: float,
+    *,
+    sigma_max: float = 1.0,
+    sigma_min: float = 1e-3,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """A grid that spends an exact share of its steps above the phase boundary σ*.
+
+    **How the share is counted.** Of the ``N = num_steps`` *evaluated* noise levels
+    ``σ_0 … σ_{N−1}`` (the terminal 0 a scheduler appends is not evaluated and not counted),
+    exactly ``K = round(navigation_fraction · N)`` (:func:`navigation_steps`, Python rounding)
+    satisfy ``σ_i > σ*``, the rest ``σ_i < σ*``; checked again after the cast to ``dtype``.
+
+    **Shape.** σ* sits half-way between steps ``K − 1`` and ``K`` (fractional index
+    ``p = K − ½``); σ is linear in the step index on each side::
+
+        σ_i = σ_max − (σ_max − σ*)·i / p                    for i < K     (navigation)
+        σ_i = σ* − (σ* − σ_min)·(i − p) / (N − 1 − p)        for i ≥ K     (refinement)
+
+    so ``σ_0 = σ_max``, ``σ_{N−1} = σ_min``, uniform steps ``Δ_nav = (σ_max − σ*)/p`` above σ*
+    and ``Δ_ref = (σ* − σ_min)/(N − 1 − p)`` below it, and the step across σ* is their mean.
+
+    Args:
+        num_steps: ``N ≥ 2``.
+        boundary_sigma: σ* in ``(sigma_min, sigma_max)``, e.g. ``PhaseProfile.boundary_sigma``.
+        navigation_fraction: share of steps above σ*, in (0, 1).
+        sigma_max: first evaluated σ (1.0 = pure noise).
+        sigma_min: last evaluated σ (default 1e-3, diffusers' ``1/num_train_timesteps``).
+        dtype, device: of the returned tensor (computed in float64).
+
+    Returns:
+        ``(num_steps,)`` strictly decreasing σ.
+    """
+    k = navigation_steps(num_steps, navigation_fraction)
+    boundary = _check_open_unit(
+        "boundary_sigma", boundary_sigma, "pass PhaseProfile.boundary_sigma or a noise level such as 0.6."
+    )
+    for name, value in (("sigma_max", sigma_max), ("sigma_min", sigma_min)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
+    if not sigma_min < boundary < sigma_max:
+        raise ValueError(
+            f"the phase boundary must lie inside the grid, sigma_min < boundary_sigma < sigma_max, got "
+            f"{sigma_min!r} < {boundary!r} < {sigma_max!r}; lower sigma_min (or shift_terminal) or check the boundary."
+        )
+    n = num_steps
+    p = k - 0.5
+    i = torch.arange(n, dtype=torch.float64)
+    upper = sigma_max - (sigma_max - boundary) * i / p
+    lower = boundary - (boundary - sigma_min) * (i - p) / (n - 1 - p)
+    sigmas = torch.where(i < k, upper, lower)
+    sigmas[0], sigmas[-1] = sigma_max, sigma_min  # exact endpoints
+    sigmas = sigmas.to(dtype=dtype, device=device)
+    above = count_above(sigmas, boundary)
+    if above != k or bool((sigmas.diff() >= 0).any()):
+        raise ValueError(
+            f"{n} steps are too many to resolve in {dtype} around sigma*={boundary!r}; use float64 or fewer steps."
+        )
+    return sigmas
+
+
+def count_above(sigmas: Tensor | list[float], boundary_sigma: float) -> int:
+    """Number of noise levels strictly above ``boundary_sigma`` (navigation steps of a grid)."""
+    sigmas = _as_tensor(sigmas)
+    return int((sigmas.double() > float(boundary_sigma)).sum())

@@ -1,0 +1,156 @@
+"""steersample audit: the verdict logic on synthetic results, the whole audit on a tiny random
+model folder (every file written, tables filled), bad input, and the end-to-end acceptance test
+on the embedded default model (a clear drop in rare-class copy rate with AttractorRepulsion)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from steersample.steering.attractor import AttractorRepulsion
+from steersample.evaluation.audit import (BEST_STRENGTH, AuditResult, GroupFigures, Method, MethodResult,
+                               default_grid, quick_grid, select_best, targets)
+from steersample.cli import main
+from steersample.data import load_digits, split_indices
+from steersample.steering.detect import DetectionPoint
+from steersample.sampling.guidance import GuidanceSchedule
+from steersample.reference.reference_set import ReferenceSet
+from steersample.testing import tiny_dit_transformer
+
+RARE, FREQUENT = (2, 4, 8), (0, 1, 3, 5, 6, 7, 9)
+
+
+# ----------------------------------------------------------------------------- verdicts
+def result(name, family, rare, frequent=(0.0, 1.0, 2.0, 3.0), seconds=1.0, auroc=0.5, steering=()):
+    points = tuple(DetectionPoint(k, k / 10, auroc, 0.1) for k in range(1, 11))
+    return MethodResult(Method(name, family, None, GuidanceSchedule(), steering), GroupFigures(*rare),
+                        GroupFigures(*frequent), 60.0, seconds, seconds,
+                        {"spikiness": {"all": points, "rare": points}})
+
+
+def test_select_best_keeps_quality_limits():
+    audit = AuditResult((
+        result("plain", "plain", (0.8, 1.0, 2.0, 3.0), auroc=0.97),
+        result("jain-delayed", "jain-delayed", (0.6, 1.0, 1.9, 3.0), frequent=(0.0, 1.0, 1.5, 3.0)),
+        result("jain-opposite", "jain-opposite", (0.5, 0.95, 2.0, 3.0)),
+        result("attractor-0.5", "attractor", (0.01, 1.0, 2.05, 2.9), seconds=1.1,
+               steering=(AttractorRepulsion(),)),
+        result("attractor-2", "attractor", (0.0, 0.85, 2.0, 2.9)),       # accuracy too low
+        result("attractor-1", "attractor", (0.0, 1.0, 2.5, 2.8)),        # FD too high
+    ), {})
+    best = select_best(audit)
+    assert best.method.name == "attractor-0.5"
+    rows = {t: (m, ok) for t, m, ok in targets(audit, best)}
+    assert rows["best rare copy rate <= 0.05"][1] and rows["best rare FD <= 1.05 x plain"][1]
+    assert rows["beats jain-delayed (lower rare copy, accuracy >= its)"][1]
+    assert rows["best reference-free detector AUROC >= 0.95 within 20 % of steps"] == (
+        "spikiness: 0.970 after 2 steps", True)
+    assert rows["AttractorRepulsion wall time <= 1.2x plain"][1]
+    # nothing within limits: fall back to the lowest copy rate with accuracy >= 0.9
+    audit = AuditResult((audit.results[0], audit.results[5], audit.results[4]), {})
+    assert select_best(audit).method.name == "attractor-1"
+    with pytest.raises(ValueError, match="no steered method"):
+        select_best(AuditResult((audit.results[0],), {}))
+
+
+def test_grids():
+    names = [m.name for m in default_grid(2.0)]
+    assert names[:4] == ["plain", "jain-delayed", "jain-opposite", "cfg-interval"]
+    assert len(names) == len(set(names)) <= 15
+    assert any(m.family == "combination" for m in default_grid(2.0))
+    assert [m.name for m in quick_grid(2.0)] == ["plain", "jain-delayed", "jain-opposite",
+                                                "attractor-0.5"]
+    no_delay = [m for m in default_grid(2.0) if m.family == "attractor-no-delay"]
+    assert no_delay and all(m.steering[0].scarce == 0 for m in no_delay)
+    jain = default_grid(3.0)[1].guidance
+    assert jain.scale_at(0.9) == 1.0 and jain.scale_at(0.3) == 3.0
+
+
+# ----------------------------------------------------------------------------- on a tiny folder
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A model folder as scripts/train_default.py writes it, with a tiny random DiT."""
+    folder = tmp_path_factory.mktemp("tiny-default")
+    images, labels = load_digits()
+    per_class = {c: (4 if c in RARE else 6) for c in range(10)}
+    train, held = split_indices(labels, per_class, seed=0)
+    tiny_dit_transformer(num_layers=2).save_pretrained(folder / "transformer", safe_serialization=True)
+    FlowMatchEulerDiscreteScheduler().save_pretrained(folder / "scheduler")
+    ReferenceSet(images[train], labels[train]).save(folder / "reference.safetensors")
+    (folder / "metadata.json").write_text(json.dumps({
+        "rare_classes": list(RARE), "frequent_classes": list(FREQUENT), "null_class": 10,
+        "split": {"train_indices": train.tolist(), "held_out_indices": held.tolist()},
+        "training_config": {}, "git_commit": "test", "command": "tiny"}))
+    return folder
+
+
+def test_audit_command_on_a_tiny_model(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "audit"
+    code = main(["audit", "--model", str(tiny_folder), "--grid", "quick", "--rare-samples", "3",
+                 "--frequent-samples", "2", "--steps", "3", "--timing-repeats", "1",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    assert {p.name for p in out.iterdir()} >= {"audit.md", "audit.json", "pareto.png", "sheet.png"}
+    summary = json.loads((out / "audit.json").read_text())
+    assert [r["method"] for r in summary["results"]] == [m.name for m in quick_grid(2.0)]
+    plain = summary["results"][0]
+    assert plain["model_evals_per_sample"] == 6 and plain["seconds"] > 0
+    assert set(plain["detection"]) == {"cond_deviation", "spikiness", "posterior"}
+    assert len(plain["detection"]["spikiness"]["all"]) == 3
+    assert summary["best"] in [r["method"] for r in summary["results"][1:]]
+    markdown = (out / "audit.md").read_text()
+    assert "| plain |" in markdown and "## Targets" in markdown and "attractor-0.5" in markdown
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rare-samples", "1"], "--rare-samples must be at least 2"),
+    (["--steps", "1"], "--steps must be at least 2"),
+    (["--timing-repeats", "-1"], "--timing-repeats must be >= 0"),
+    (["--guidance", "nan"], "--guidance must be a finite number"),
+])
+def test_bad_arguments(tiny_folder, tmp_path, capsys, argv, message):
+    assert main(["audit", "--model", str(tiny_folder), "--out", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    assert main(["audit", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the default model
+def test_attractor_repulsion_removes_rare_class_copies_of_the_default_model():
+    """End to end on the embedded default: same seeds, plain CFG 4 versus AttractorRepulsion."""
+    from steersample.default import load_default, load_default_info
+    from steersample.evaluation.judge import class_accuracy, copy_flags
+
+    try:
+        info = load_default_info()
+        pipe, reference = load_default()
+    except (FileNotFoundError, ValueError) as err:
+        pytest.skip(f"no embedded default model: {err}")
+    rare = torch.tensor(info.rare_classes).repeat_interleave(5)
+    frequent = torch.tensor(info.frequent_classes[:2]).repeat_interleave(2)
+    labels = torch.cat([rare, frequent])
+
+    def run(steering):
+        gens = [torch.Generator().manual_seed(k) for k in range(len(labels))]
+        return pipe(class_labels=labels, num_inference_steps=16, guidance=4.0, generator=gens,
+                    output_type="latent", steering=steering, reference=reference,
+                    return_telemetry=False).images.clamp(-1, 1)
+
+    plain, steered = run(None), run([AttractorRepulsion(strength=BEST_STRENGTH)])
+    n = len(rare)
+    plain_copy = float(copy_flags(plain[:n], reference).double().mean())
+    steered_copy = float(copy_flags(steered[:n], reference).double().mean())
+    assert plain_copy >= 0.6, f"the default model should copy its rare classes (got {plain_copy})"
+    assert steered_copy <= 0.1 < plain_copy - 0.5
+    assert class_accuracy(steered[:n], rare) >= 0.8
+    # frequent classes are not scarce and do not fall into attractors: bit for bit unchanged
+    assert torch.equal(steered[n:], plain[n:])
