@@ -34,6 +34,13 @@ _EXPORTS: dict[str, str] = {
     "COPY_THRESHOLD": "steersample.evaluation.metrics",
     "nn_ratio": "steersample.evaluation.metrics",
     "copy_rate": "steersample.evaluation.metrics",
+    "data_copying": "steersample.evaluation.metrics",
+    "DataCopying": "steersample.evaluation.metrics",
+    "precision_recall": "steersample.evaluation.metrics",
+    "PrecisionRecall": "steersample.evaluation.metrics",
+    "relative_distance": "steersample.evaluation.metrics",
+    "nearest_training_distance": "steersample.evaluation.metrics",
+    "z_u": "steersample.evaluation.novelty",
 }
 
 __all__ = sorted(_EXPORTS)

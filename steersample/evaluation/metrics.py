@@ -17,7 +17,13 @@ import torch
 from steersample.reference.ratio import COPY_THRESHOLD, ratio_from_distances
 from steersample.reference.reference_set import ReferenceSet
 
-__all__ = ["COPY_THRESHOLD", "nn_ratio", "copy_rate"]
+# novelty against held-out data (Meehan et al. 2020; Kynkäänniemi et al. 2019)
+from steersample.evaluation.novelty import (DataCopying, PrecisionRecall, data_copying,
+                                            nearest_training_distance, precision_recall,
+                                            relative_distance)
+
+__all__ = ["COPY_THRESHOLD", "nn_ratio", "copy_rate", "data_copying", "DataCopying",
+           "precision_recall", "PrecisionRecall", "relative_distance", "nearest_training_distance"]
 
 
 def nn_ratio(samples: torch.Tensor, reference: ReferenceSet,
