@@ -27,9 +27,11 @@ def _group(report, samples, labels, held_x, held_y, classes) -> dict:
     return {"classes": list(classes), **figures, "fd": fd}
 
 
-def summarise(runs: dict, info, classes: list[int], args, seconds: float) -> dict:
+def summarise(runs: dict, info, classes: list[int], args, seconds: float,
+              reference) -> dict:
     """The JSON report: settings, then per run pooled / rare / frequent / per-class figures."""
     from steersample.default import held_out_digits
+    from steersample.evaluation.novelty import novelty_by_class
 
     held_x, held_y = held_out_digits(info)
     rare = [c for c in classes if c in info.rare_classes]
@@ -45,11 +47,16 @@ def summarise(runs: dict, info, classes: list[int], args, seconds: float) -> dic
         "guidance": args.guidance,
         "seed": args.seed,
         "copy_test": "ratio d(NN1)/d(NN2) < 1/3 against the training set (pixels)",
+        "novelty_test": ("data-copying Z_U (Meehan et al. 2020) and median nearest-training "
+                         "distance over held-out's, against each class's held-out digits; "
+                         "precision/recall k=3 (Kynkaanniemi et al. 2019) against them"),
         "settings": {},
         "results": {},
     }
     for name, (setting, samples, report, evals, secs) in runs.items():
         labels = torch.tensor(classes).repeat_interleave(args.samples)
+        novelty = novelty_by_class(samples, labels, reference, held_x, held_y,
+                                   {"rare": rare, "frequent": frequent})
         out["settings"][name] = {"description": setting.description,
                                  "guidance": setting.guidance.to_dict(),
                                  "steering": [getattr(s, "name", str(s)) for s in setting.steering]}
@@ -57,12 +64,14 @@ def summarise(runs: dict, info, classes: list[int], args, seconds: float) -> dic
             "copy_rate": report.copy_rate,
             "accuracy": report.accuracy,
             "fd": report.fd,
-            "rare": _group(report, samples, labels, held_x, held_y, rare) if rare else None,
-            "frequent": (_group(report, samples, labels, held_x, held_y, frequent)
-                         if frequent else None),
+            "rare": ({**_group(report, samples, labels, held_x, held_y, rare),
+                      **novelty["groups"]["rare"]} if rare else None),
+            "frequent": ({**_group(report, samples, labels, held_x, held_y, frequent),
+                          **novelty["groups"]["frequent"]} if frequent else None),
             "per_class": [{"label": r.label, "kind": "rare" if r.label in rare else "frequent",
                            "count": r.count, "copy_rate": r.copy_rate, "accuracy": r.accuracy,
-                           "fd": r.fd, "diversity": r.diversity} for r in report.per_class],
+                           "fd": r.fd, "diversity": r.diversity,
+                           **novelty["per_class"][r.label]} for r in report.per_class],
             "model_evals_per_sample": evals,
             "model_evals": evals * len(labels),
             "seconds": secs,
@@ -114,6 +123,7 @@ def render_markdown(summary: dict) -> str:
     for key, digits in (("copy_rate", 2), ("accuracy", 2), ("fd", 1)):
         row += [f"**{_f(res[n][key], digits)}**" for n in names]
     lines += ["| " + " | ".join(row + ["" for _ in names]) + " |", ""]
+    lines += _novelty_table(summary, names, per)
     lines += ["| run | model evaluations per sample | model evaluations | seconds |",
               "|---|---|---|---|"]
     for n in names:
@@ -121,6 +131,35 @@ def render_markdown(summary: dict) -> str:
                      f"{res[n]['seconds']:.2f} |")
     lines += ["", f"Total time {summary['seconds_total']:.1f} s.", ""]
     return "\n".join(lines)
+
+
+def _novelty_table(summary: dict, names: list[str], per: dict) -> list[str]:
+    """Markdown rows: data-copying Z_U, distance ratio, precision per class and group."""
+    res = summary["results"]
+    lines = [f"Novelty: {summary['novelty_test']}. Z_U < 0: closer to the training set than "
+             "unseen real digits (copying); distance ratio 1: as far as they are. Held-out halves "
+             "of one class against each other score |Z_U| < 1, ratio 0.95-0.99, precision "
+             "0.91-0.98.", ""]
+    head = ["class", "kind"]
+    for metric in ("Z_U", "distance", "precision"):
+        head += [f"{metric} {n}" for n in names]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = (("z_u", 1), ("distance_ratio", 2), ("precision", 2))
+    for label in summary["classes"]:
+        row = [str(label), per[names[0]][label]["kind"]]
+        for key, digits in keys:
+            row += [_f(per[n][label].get(key), digits) for n in names]
+        lines.append("| " + " | ".join(row) + " |")
+    for group in ("rare", "frequent"):
+        if res[names[0]][group] is None:
+            continue
+        row = [f"**{group}** (Z_U: C_T, worst)", ", ".join(map(str, res[names[0]][group]["classes"]))]
+        row += [f"**{_f(res[n][group].get('z_u'), 1)}** ({_f(res[n][group].get('z_u_min'), 1)})"
+                for n in names]
+        for key, digits in keys[1:]:
+            row += [f"**{_f(res[n][group].get(key), digits)}**" for n in names]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 def _tile(image: torch.Tensor, scale: int) -> np.ndarray:

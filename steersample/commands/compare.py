@@ -238,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
     if not world.is_main:   # the main process judges and writes the merged results
         return 0
 
-    summary = summarise(runs, info, classes, args, seconds=time.perf_counter() - t0)
+    summary = summarise(runs, info, classes, args, seconds=time.perf_counter() - t0,
+                        reference=reference)
     summary["processes"] = world.world_size
     sheet = render_sheet(runs, reference, classes, args.samples, args.sheet_samples, info)
     markdown = render_markdown(summary)

@@ -40,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "PrecisionRecall": "steersample.evaluation.metrics",
     "relative_distance": "steersample.evaluation.metrics",
     "nearest_training_distance": "steersample.evaluation.metrics",
+    "novelty_by_class": "steersample.evaluation.novelty",
     "z_u": "steersample.evaluation.novelty",
 }
 

@@ -37,7 +37,7 @@ import torch
 
 from steersample.reference.reference_set import ReferenceSet
 
-__all__ = ["DataCopying", "data_copying", "PrecisionRecall", "precision_recall",
+__all__ = ["DataCopying", "data_copying", "PrecisionRecall", "precision_recall", "novelty_by_class",
            "nearest_training_distance", "relative_distance", "z_u"]
 
 _BLOCK = 1 << 22  # float64 elements of one block of pairwise distances (32 MB)
@@ -298,3 +298,63 @@ def precision_recall(samples: torch.Tensor, heldout, k: int = 3) -> PrecisionRec
         recall = float(_covered(h, x, fake_radii).double().mean())
     return PrecisionRecall(precision=float(precise.double().mean()), recall=recall,
                            precise=precise, k=k)
+
+
+def novelty_by_class(samples: torch.Tensor, labels: torch.Tensor, reference: ReferenceSet,
+                     heldout_x: torch.Tensor, heldout_y: torch.Tensor,
+                     groups: Mapping[str, "list[int] | tuple[int, ...]"] | None = None,
+                     k: int = 3) -> dict:
+    """Data-copying Z_U, distance ratio and precision/recall per class and per group of classes.
+
+    Each class's samples are judged against that class's held-out rows (precision/recall and
+    Z_U alike). A group's ``z_u`` is Meehan's C_T over its classes (held-out-mass weighted),
+    ``z_u_min`` its worst class, ``distance_ratio`` the pooled median ratio and ``precision`` /
+    ``recall`` the mean over its classes. Figures are plain floats,
+    class has no samples or too few held-out rows; JSON-ready: None where a figure is undefined
+    (a class without held-out rows, recall with k or fewer samples).
+
+    Returns:
+        ``{"per_class": {c: {...}}, "groups": {name: {...}}}``.
+    """
+    labels = _labels(labels, samples.shape[0], "labels")
+    heldout_y = _labels(heldout_y, heldout_x.shape[0], "heldout_y")
+    classes = [c for c in sorted(set(labels.tolist()))]
+    test = data_copying(samples, reference, heldout_x, labels=labels, heldout_labels=heldout_y)
+    per_class = {}
+    for c in classes:
+        mask, held = labels == c, heldout_y == c
+        pr = (precision_recall(samples[mask], heldout_x[held], k=k)
+              if int(held.sum()) > k else None)
+        per_class[c] = {"z_u": test.z_u.get(c, math.nan),
+                        "distance_ratio": test.cell_distance_ratio.get(c, math.nan),
+                        "precision": pr.precision if pr else math.nan,
+                        "recall": pr.recall if pr else math.nan}
+    out_groups = {}
+    for name, members in (groups or {}).items():
+        members = [c for c in members if c in per_class]
+        if not members:
+            continue
+        in_x = torch.isin(test.sample_cells, torch.tensor(members))
+        in_h = torch.isin(test.heldout_cells, torch.tensor(members))
+        weights = [test.heldout_counts.get(c, 0) for c in members]
+        scores = [per_class[c]["z_u"] for c in members]
+        kept = [(w, z) for w, z in zip(weights, scores) if w and not math.isnan(z)]
+        out_groups[name] = {
+            "classes": members,
+            "z_u": sum(w * z for w, z in kept) / sum(w for w, _ in kept) if kept else math.nan,
+            "z_u_min": min((z for _, z in kept), default=math.nan),
+            "distance_ratio": _median_ratio(test.sample_distances[in_x], test.heldout_distances[in_h]),
+            "precision": _mean(per_class[c]["precision"] for c in members),
+            "recall": _mean(per_class[c]["recall"] for c in members),
+        }
+    return {"per_class": {c: _json_ready(v) for c, v in per_class.items()},
+            "groups": {n: _json_ready(v) for n, v in out_groups.items()}}
+
+
+def _mean(values) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def _json_ready(figures: dict) -> dict:
+    return {key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in figures.items()}

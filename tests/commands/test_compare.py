@@ -27,12 +27,15 @@ def test_compare_end_to_end_writes_all_three_files(tmp_path, capsys):
     assert set(report["results"]) == {"plain", "steered"}
     for run in report["results"].values():
         assert [r["label"] for r in run["per_class"]] == [0, 1]
+        for row in run["per_class"]:   # novelty against each class's held-out digits
+            assert row["z_u"] is not None and row["distance_ratio"] > 0
+            assert 0 <= row["precision"] <= 1
         assert 0 <= run["copy_rate"] <= 1 and 0 <= run["accuracy"] <= 1
         assert run["model_evals_per_sample"] >= 3 and run["model_evals"] > 0
         assert run["fd"] is not None
     assert report["results"]["plain"]["model_evals_per_sample"] == 6  # CFG at every step
     md = (out / "report.md").read_text()
-    assert "| class | kind |" in md and "steered" in md
+    assert "| class | kind |" in md and "steered" in md and "| Z_U plain | Z_U steered |" in md
     assert "wrote" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "sheet.png"]
 

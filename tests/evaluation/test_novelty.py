@@ -109,3 +109,21 @@ def test_precision_recall_brute_force_and_known_cases():
 def test_bad_input_is_refused_with_the_fix(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call(_ref())
+
+
+def test_novelty_by_class_groups_and_json_ready_values():
+    from steersample.evaluation.novelty import novelty_by_class
+
+    ref = ss.ReferenceSet(_gauss(90, 1), labels=torch.arange(90) % 3)
+    x, lx = _gauss(12, 2), torch.tensor([0] * 6 + [1] * 3 + [2] * 3)
+    h, lh = _gauss(60, 3), torch.arange(60) % 3
+    out = novelty_by_class(x, lx, ref, h, lh, {"a": [0, 1], "b": [2]})
+    for c in range(3):
+        res = ss.metrics.data_copying(x[lx == c], ref, h[lh == c])
+        assert out["per_class"][c]["precision"] == ss.metrics.precision_recall(x[lx == c], h[lh == c]).precision
+        assert out["per_class"][c]["distance_ratio"] == pytest.approx(res.distance_ratio)
+    assert out["per_class"][1]["recall"] is None          # 3 samples: no k=3 ball of their own
+    group = out["groups"]["a"]
+    assert group["z_u_min"] == min(out["per_class"][c]["z_u"] for c in (0, 1))
+    assert group["precision"] == pytest.approx((out["per_class"][0]["precision"] + out["per_class"][1]["precision"]) / 2)
+    assert group["recall"] == out["per_class"][0]["recall"]
