@@ -3,11 +3,12 @@
 Samples the same seeds with plain CFG, Jain et al.'s delayed and opposite guidance (arXiv
 2411.16738), a CFG interval, AttractorRepulsion and RepresentationSteering at several strengths
 and their combinations, with the three detectors riding along. Judges rare and frequent classes
-separately (copy rate by the ratio test, class accuracy, FD to the held-out digits, diversity),
+separately (copy rate by the ratio test, data-copying Z_U, distance ratio and precision/recall
+against each class's held-out digits, class accuracy, FD to the held-out digits, diversity),
 counts model evaluations and times every method (interleaved passes without telemetry).
 
-Writes into --out: audit.md (tables, detector curves, targets), audit.json, pareto.png (copy
-rate against quality) and sheet.png (rare-class samples of the key methods, one row each).
+Writes into --out: audit.md (tables, detector curves, targets), audit.json, pareto.png (rare
+Z_U against precision and accuracy) and sheet.png (rare-class samples of the key methods, one row each).
 """
 
 from __future__ import annotations
@@ -149,13 +150,17 @@ def render_markdown(summary: dict) -> str:
         f"Model `{s['model']}` (commit `{str(s['model_git_commit'])[:12]}`); rare classes "
         f"{s['rare_classes']} x {s['rare_samples']} samples, frequent {s['frequent_classes']} x "
         f"{s['frequent_samples']}; {s['steps']} steps, CFG {s['guidance']:g}, seed {s['seed']}. "
-        f"Copy: d(NN1)/d(NN2) < 1/3 against the training set. FD: pooled over the group's classes "
+        f"Copy: d(NN1)/d(NN2) < 1/3 against the training set. Z_U: Meehan et al.'s data-copying "
+        f"test against each class's held-out digits (< 0: closer to the training set than unseen "
+        f"digits; C_T over the group, worst class in brackets); dist: median nearest-training "
+        f"distance over held-out's; prec: precision k=3 against held-out. FD: pooled over the group's classes "
         f"against their held-out digits (16-d PCA). Time: min of {s['timing_repeats']} interleaved "
         f"passes of {s['timing_samples']} rare-class samples without telemetry "
         f"({s['torch_threads']} torch threads; the machine is shared, so compare ratios).", "",
-        "| method | rare copy | rare acc | rare FD | rare div | freq copy | freq acc | freq FD "
-        "| freq div | evals/sample | s | s vs plain | CPU s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | rare copy | rare acc (worst) | rare Z_U C_T (worst) | rare dist (worst) "
+        "| rare prec (worst) | rare FD | freq acc | freq Z_U | freq prec | freq FD "
+        "| evals/sample | s | s vs plain | CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["results"]:
         ra, fr = r["rare"], r["frequent"]
@@ -163,14 +168,17 @@ def render_markdown(summary: dict) -> str:
                  if r["seconds"] and plain["seconds"] else "n/a")
         name = f"**{r['method']}**" if r["method"] == summary["best"] else r["method"]
         lines.append(
-            f"| {name} | {_f(ra['copy_rate'])} | {_f(ra['accuracy'])} | {_f(ra['fd'])} | "
-            f"{_f(ra['diversity'], 2)} | {_f(fr['copy_rate'])} | {_f(fr['accuracy'])} | "
-            f"{_f(fr['fd'])} | {_f(fr['diversity'], 2)} | {r['model_evals_per_sample']:g} | "
+            f"| {name} | {_f(ra['copy_rate'], 2)} | {_f(ra['accuracy'], 2)} ({_f(ra['accuracy_min'], 2)}) | "
+            f"{_f(ra['z_u'], 1)} ({_f(ra['z_u_min'], 1)}) | {_f(ra['distance_ratio'], 2)} "
+            f"({_f(ra['distance_ratio_min'], 2)}) | {_f(ra['precision'], 2)} ({_f(ra['precision_min'], 2)}) | "
+            f"{_f(ra['fd'], 2)} | {_f(fr['accuracy'], 2)} | {_f(fr['z_u'], 1)} | "
+            f"{_f(fr['precision'], 2)} | {_f(fr['fd'], 2)} | {r['model_evals_per_sample']:g} | "
             f"{_f(r['seconds'], 2)} | {ratio} | {_f(r['cpu_seconds'], 2)} |")
-    lines += ["", f"Best steered setting: **{summary['best']}** (the issue's limits in tiers: "
-              "rare copy <= 0.05, rare accuracy >= 0.9, frequent FD within 2 % and frequent "
-              "copy unchanged, rare accuracy at least the Jain presets', then the lowest rare FD; see "
-              "`steersample.evaluation.audit.select_best`). "
+    lines += ["", f"Best steered setting: **{summary['best']}**: the highest worst-class rare Z_U "
+              "among the methods meeting every band (every rare class: Z_U >= -3, distance ratio "
+              ">= 0.8, accuracy >= 0.9, precision >= 0.8; frequent classes kept), else among those "
+              "that stay on the data (accuracy and precision bands), see "
+              "`steersample.evaluation.audit.select_best`. "
               "The sheet shows rare-class samples: nearest training image of each plain sample, "
               "plain, Jain delayed, Jain opposite, best.", "", "## Detection on plain sampling", "",
               "AUROC / TPR at 1 % FPR of \"this sample is a copy\" from each detector's score "
@@ -199,33 +207,39 @@ def _picks(plain: dict) -> list[dict]:
 
 
 def render_pareto(audit, best) -> bytes:
+    """Two panels, one point per method: worst rare class's data-copying Z_U (x) against its
+    precision and its judge accuracy (y); the bands as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from steersample.evaluation.audit import BANDS
+
     markers = {"plain": "s", "jain-delayed": "v", "jain-opposite": "^", "cfg-interval": "D",
                "attractor": "o", "attractor-no-delay": "h", "representation": "P",
                "combination": "X"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, field, label in ((axes[0], "fd", "rare-class FD to held-out digits (lower is better)"),
-                             (axes[1], "accuracy", "rare-class accuracy (judge)")):
+    for ax, field, label in ((axes[0], "precision_min", "rare precision k=3 vs held-out (worst class)"),
+                             (axes[1], "accuracy_min", "rare accuracy, judge (worst class)")):
         for family in dict.fromkeys(r.method.family for r in audit.results):
             pts = [r for r in audit.results if r.method.family == family]
-            ax.plot([r.rare.copy_rate for r in pts], [getattr(r.rare, field) for r in pts],
-                    markers.get(family, "o"),
-                    label=family, ms=7)
+            ax.plot([r.rare.z_u_min for r in pts], [getattr(r.rare, field) for r in pts],
+                    markers.get(family, "o"), label=family, ms=7)
             for r in pts:
                 ax.annotate(r.method.name.replace("attractor", "AR").replace("representation", "RS"),
-                            (r.rare.copy_rate, getattr(r.rare, field)), fontsize=6,
+                            (r.rare.z_u_min, getattr(r.rare, field)), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
-        ax.plot([best.rare.copy_rate], [getattr(best.rare, field)], "o", ms=14, mfc="none",
+        ax.plot([best.rare.z_u_min], [getattr(best.rare, field)], "o", ms=14, mfc="none",
                 mec="red", label="best")
-        ax.set_xlabel("rare-class copy rate (lower is better)")
+        ax.axvline(BANDS["z_u"], color="grey", ls="--", lw=0.8)
+        ax.axhline(BANDS["precision" if field == "precision_min" else "accuracy"], color="grey",
+                   ls="--", lw=0.8)
+        ax.set_xlabel("rare data-copying Z_U, worst class (< 0: copying; band >= -3)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("steersample audit: memorisation against quality")
+    fig.suptitle("steersample audit: novelty against held-out data vs staying on the data")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)

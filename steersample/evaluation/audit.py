@@ -32,7 +32,7 @@ from steersample.sampling.guidance import GuidanceSchedule
 from steersample.steering.representation import RepresentationSteering
 
 __all__ = ["Method", "default_grid", "quick_grid", "MethodResult", "AuditResult", "run_audit",
-           "select_best", "targets", "BEST_STRENGTH", "REFERENCE_FREE", "DETECTOR_FRACTIONS"]
+           "select_best", "targets", "meets_bands", "BANDS", "BEST_STRENGTH", "REFERENCE_FREE", "DETECTOR_FRACTIONS"]
 
 REFERENCE_FREE = ("cond_deviation", "spikiness")
 DETECTOR_FRACTIONS = (0.1, 0.2, 0.5, 1.0)
@@ -101,12 +101,25 @@ def quick_grid(w: float) -> tuple[Method, ...]:
 
 @dataclass(frozen=True)
 class GroupFigures:
-    """Judge figures over the samples of a group of classes."""
+    """Judge figures over the samples of a group of classes.
+
+    ``z_u`` is Meehan et al.'s C_T over the group's classes, each class judged against its own
+    held-out digits (``evaluation.novelty.novelty_by_class``); the ``*_min`` fields are the worst
+    class of the group, since the novelty targets hold per class.
+    """
 
     copy_rate: float
     accuracy: float
     fd: float
     diversity: float
+    z_u: float = math.nan
+    z_u_min: float = math.nan
+    distance_ratio: float = math.nan
+    distance_ratio_min: float = math.nan
+    precision: float = math.nan
+    precision_min: float = math.nan
+    recall: float = math.nan
+    accuracy_min: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -133,15 +146,31 @@ class AuditResult:
 
 def _group(samples, labels, classes, reference, held_x, held_y) -> GroupFigures:
     from steersample.evaluation.judge import class_accuracy, copy_flags, diversity, frechet_distance
+    from steersample.evaluation.novelty import novelty_by_class
 
     mask = torch.isin(labels, torch.tensor(list(classes)))
     x, y = samples[mask], labels[mask]
     held = torch.isin(held_y, torch.tensor(list(classes)))
+    novelty = novelty_by_class(x, y, reference, held_x, held_y, {"group": list(classes)})
+    group, per = novelty["groups"]["group"], novelty["per_class"].values()
+
+    def worst(key: str) -> float:
+        values = [row[key] for row in per if row[key] is not None]
+        return min(values) if values else math.nan
+
+    def num(value) -> float:
+        return math.nan if value is None else float(value)
+
     return GroupFigures(
         copy_rate=float(copy_flags(x, reference).double().mean()),
         accuracy=class_accuracy(x, y),
         fd=frechet_distance(x, held_x[held]),
         diversity=sum(diversity(x[y == c]) for c in classes) / len(classes),
+        z_u=num(group["z_u"]), z_u_min=num(group["z_u_min"]),
+        distance_ratio=num(group["distance_ratio"]), distance_ratio_min=worst("distance_ratio"),
+        precision=num(group["precision"]), precision_min=worst("precision"),
+        recall=num(group["recall"]),
+        accuracy_min=min(class_accuracy(x[y == c], y[y == c]) for c in classes),
     )
 
 
@@ -248,35 +277,60 @@ def _timing(pipe, grid, reference, rare, steps, seed, repeats, batch, tick) -> d
 
 
 # ----------------------------------------------------------------------------- verdicts
-def select_best(audit: AuditResult) -> MethodResult:
-    """The best steered setting by the issue's acceptance rule, in tiers:
+# the novelty issue's bands (every rare class), judged against held-out data
+BANDS = {"z_u": -3.0, "z_u_stretch": -1.0, "distance_ratio": 0.8, "accuracy": 0.9,
+         "precision": 0.8, "cost": 1.3}
 
-    1. rare copy rate ≤ 0.05, rare accuracy ≥ max(0.9, the Jain presets' rare accuracy),
-       frequent FD within 2 % of plain, frequent copy rate ≤ plain's and rare FD ≤ 1.05 × plain;
-    2. the same without the rare-FD limit;
-    3. the same with the accuracy floor at 0.9 only;
-    within a tier the lowest rare FD wins (then the lower copy rate). Failing all tiers: the
-    lowest rare copy rate among methods with rare accuracy ≥ 0.9 (or all).
+
+def _frequent_kept(r: MethodResult, plain: MethodResult) -> bool:
+    """Frequent classes no worse than plain: FD within 2 %, precision within 0.02, |Z_U| + 1."""
+    f, p = r.frequent, plain.frequent
+    return (f.fd <= 1.02 * p.fd and not f.precision < p.precision - 0.02
+            and not abs(f.z_u) > abs(p.z_u) + 1.0)
+
+
+def _on_data(r: MethodResult) -> bool:
+    return r.rare.accuracy_min >= BANDS["accuracy"] and r.rare.precision_min >= BANDS["precision"]
+
+
+def meets_bands(r: MethodResult, plain: MethodResult) -> bool:
+    """Every rare class: Z_U >= -3, distance ratio >= 0.8, accuracy >= 0.9, precision >= 0.8;
+    frequent classes kept (:func:`_frequent_kept`)."""
+    return (r.rare.z_u_min >= BANDS["z_u"] and r.rare.distance_ratio_min >= BANDS["distance_ratio"]
+            and _on_data(r) and _frequent_kept(r, plain))
+
+
+def select_best(audit: AuditResult) -> MethodResult:
+    """The best steered setting, judged by held-out data (the novelty issue's rule).
+
+    Tiers, each ranked by the worst rare class's data-copying Z_U (higher is better: farther
+    from the training set, relative to unseen real data), ties by worst-class precision:
+
+    1. methods meeting every band (:func:`meets_bands`);
+    2. methods that stay on the data (every rare class: accuracy >= 0.9, precision >= 0.8) and
+       keep the frequent classes;
+    3. methods with every rare class's accuracy >= 0.9;
+    4. all steered methods.
+
+    Ranking by Z_U itself rather than by a pass/fail count keeps the choice the same if a
+    band's threshold moves.
     """
     plain = _plain(audit)
     steered = [r for r in audit.results if r.method.name != "plain"]
     if not steered:
         raise ValueError("the grid has no steered method to choose from; add one besides 'plain'")
-    jain = [r.rare.accuracy for r in audit.results if r.method.family.startswith("jain")]
-    floor = max([0.9] + jain)
-
-    def works(r: MethodResult, accuracy: float) -> bool:
-        return (r.rare.copy_rate <= 0.05 and r.rare.accuracy >= accuracy
-                and abs(r.frequent.fd / plain.frequent.fd - 1.0) <= 0.02
-                and r.frequent.copy_rate <= plain.frequent.copy_rate)
-
-    tiers = ([r for r in steered if works(r, floor) and r.rare.fd <= 1.05 * plain.rare.fd],
-             [r for r in steered if works(r, floor)], [r for r in steered if works(r, 0.9)])
+    tiers = ([r for r in steered if meets_bands(r, plain)],
+             [r for r in steered if _on_data(r) and _frequent_kept(r, plain)],
+             [r for r in steered if r.rare.accuracy_min >= BANDS["accuracy"]],
+             steered)
     for pool in tiers:
         if pool:
-            return min(pool, key=lambda r: (r.rare.fd, r.rare.copy_rate))
-    pool = [r for r in steered if r.rare.accuracy >= 0.9] or steered
-    return min(pool, key=lambda r: (r.rare.copy_rate, r.rare.fd))
+            return max(pool, key=lambda r: (_finite(r.rare.z_u_min), _finite(r.rare.precision_min)))
+    raise AssertionError("unreachable: the last tier is every steered method")
+
+
+def _finite(value: float) -> float:
+    return -math.inf if math.isnan(value) else value
 
 
 def _plain(audit: AuditResult) -> MethodResult:
@@ -292,27 +346,36 @@ def _at_fraction(points, fraction: float):
 
 
 def targets(audit: AuditResult, best: MethodResult | None = None) -> list[tuple[str, str, bool]]:
-    """``(target, measured, met)`` for each "Done when" number of the issue."""
+    """``(target, measured, met)`` for each number the novelty issue asks for (and the
+    detector and cost targets of earlier issues)."""
     plain = _plain(audit)
     best = best or select_best(audit)
+    b, fr, pf = best.rare, best.frequent, plain.frequent
     rows = [
-        ("plain rare copy rate >= 0.7", f"{plain.rare.copy_rate:.3f}", plain.rare.copy_rate >= 0.7),
-        ("best rare copy rate <= 0.05", f"{best.rare.copy_rate:.3f}", best.rare.copy_rate <= 0.05),
-        ("best rare accuracy >= 0.9", f"{best.rare.accuracy:.3f}", best.rare.accuracy >= 0.9),
-        ("best rare FD <= 1.05 x plain", f"{best.rare.fd:.3f} vs {plain.rare.fd:.3f} "
-         f"({best.rare.fd / plain.rare.fd:.3f}x)", best.rare.fd <= 1.05 * plain.rare.fd),
-        ("best frequent FD within 2 % of plain", f"{best.frequent.fd:.3f} vs {plain.frequent.fd:.3f}",
-         abs(best.frequent.fd / plain.frequent.fd - 1) <= 0.02),
-        ("best frequent copy rate unchanged", f"{best.frequent.copy_rate:.3f} vs "
-         f"{plain.frequent.copy_rate:.3f}", best.frequent.copy_rate <= plain.frequent.copy_rate),
+        ("plain rare copy rate >= 0.7 (the testbed copies)", f"{plain.rare.copy_rate:.3f}",
+         plain.rare.copy_rate >= 0.7),
+        ("plain rare Z_U far below 0 (worst class <= -5)", f"{plain.rare.z_u_min:.2f}",
+         plain.rare.z_u_min <= -5),
+        ("best rare Z_U >= -3 in every class", f"{b.z_u_min:.2f} (C_T {b.z_u:.2f})",
+         b.z_u_min >= BANDS["z_u"]),
+        ("stretch: best rare Z_U >= -1 in every class", f"{b.z_u_min:.2f}",
+         b.z_u_min >= BANDS["z_u_stretch"]),
+        ("best rare distance ratio >= 0.8 in every class", f"{b.distance_ratio_min:.3f}",
+         b.distance_ratio_min >= BANDS["distance_ratio"]),
+        ("best rare accuracy >= 0.9 in every class", f"{b.accuracy_min:.3f}",
+         b.accuracy_min >= BANDS["accuracy"]),
+        ("best rare precision >= 0.8 in every class", f"{b.precision_min:.3f}",
+         b.precision_min >= BANDS["precision"]),
+        ("best frequent FD within 2 % of plain", f"{fr.fd:.3f} vs {pf.fd:.3f}", fr.fd <= 1.02 * pf.fd),
+        ("best frequent precision no worse than plain (-0.02)", f"{fr.precision:.3f} vs {pf.precision:.3f}",
+         not fr.precision < pf.precision - 0.02),
+        ("best frequent |Z_U| no worse than plain (+1)", f"{fr.z_u:.2f} vs {pf.z_u:.2f}",
+         not abs(fr.z_u) > abs(pf.z_u) + 1.0),
     ]
-    for jain in ("jain-delayed", "jain-opposite"):
-        j = next((r for r in audit.results if r.method.name == jain), None)
-        if j is not None:
-            met = best.rare.copy_rate < j.rare.copy_rate and best.rare.accuracy >= j.rare.accuracy
-            rows.append((f"beats {jain} (lower rare copy, accuracy >= its)",
-                         f"copy {best.rare.copy_rate:.3f} vs {j.rare.copy_rate:.3f}, accuracy "
-                         f"{best.rare.accuracy:.3f} vs {j.rare.accuracy:.3f}", met))
+    if best.seconds and plain.seconds:
+        rows.append(("best wall time <= 1.3x plain", f"{best.seconds / plain.seconds:.2f}x "
+                     f"(CPU {best.cpu_seconds / plain.cpu_seconds:.2f}x)",
+                     best.seconds <= BANDS["cost"] * plain.seconds))
     aurocs = []
     for name in REFERENCE_FREE:
         point = _at_fraction(plain.detection.get(name, {}).get("all", ()), 0.2)
@@ -322,15 +385,4 @@ def targets(audit: AuditResult, best: MethodResult | None = None) -> list[tuple[
         value, name, k = max(aurocs)
         rows.append(("best reference-free detector AUROC >= 0.95 within 20 % of steps",
                      f"{name}: {value:.3f} after {k} steps", value >= 0.95))
-    # the cost of the chosen setting where it is AttractorRepulsion, else of the default one
-    default = AttractorRepulsion()
-    ar = best if best.method.steering and all(
-        isinstance(x, AttractorRepulsion) for x in best.method.steering) else next(
-        (r for r in audit.results if r.method.steering and all(
-            isinstance(x, AttractorRepulsion) and repr(x) == repr(default) for x in r.method.steering)),
-        None)
-    if ar is not None and ar.seconds and plain.seconds:
-        rows.append(("AttractorRepulsion wall time <= 1.2x plain",
-                     f"{ar.seconds / plain.seconds:.2f}x ({ar.method.name}; CPU "
-                     f"{ar.cpu_seconds / plain.cpu_seconds:.2f}x)", ar.seconds <= 1.2 * plain.seconds))
     return rows

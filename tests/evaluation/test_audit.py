@@ -25,34 +25,49 @@ RARE, FREQUENT = (2, 4, 8), (0, 1, 3, 5, 6, 7, 9)
 
 
 # ----------------------------------------------------------------------------- verdicts
-def result(name, family, rare, frequent=(0.0, 1.0, 2.0, 3.0), seconds=1.0, auroc=0.5, steering=()):
+def figures(z=-10.0, dist=0.1, acc=1.0, prec=0.9, fd=2.0, copy=0.8):
+    """A group whose every class scores the same (worst class = group)."""
+    return GroupFigures(copy_rate=copy, accuracy=acc, fd=fd, diversity=3.0, z_u=z, z_u_min=z,
+                        distance_ratio=dist, distance_ratio_min=dist, precision=prec,
+                        precision_min=prec, recall=0.5, accuracy_min=acc)
+
+
+FREQ = figures(z=5.0, dist=1.4, prec=0.4, fd=3.0, copy=0.0)
+
+
+def result(name, family, rare, frequent=FREQ, seconds=1.0, auroc=0.5, steering=()):
     points = tuple(DetectionPoint(k, k / 10, auroc, 0.1) for k in range(1, 11))
-    return MethodResult(Method(name, family, None, GuidanceSchedule(), steering), GroupFigures(*rare),
-                        GroupFigures(*frequent), 60.0, seconds, seconds,
+    return MethodResult(Method(name, family, None, GuidanceSchedule(), steering), rare,
+                        frequent, 60.0, seconds, seconds,
                         {"spikiness": {"all": points, "rare": points}})
 
 
-def test_select_best_keeps_quality_limits():
+def test_select_best_ranks_by_heldout_novelty_within_the_bands():
     audit = AuditResult((
-        result("plain", "plain", (0.8, 1.0, 2.0, 3.0), auroc=0.97),
-        result("jain-delayed", "jain-delayed", (0.6, 1.0, 1.9, 3.0), frequent=(0.0, 1.0, 1.5, 3.0)),
-        result("jain-opposite", "jain-opposite", (0.5, 0.95, 2.0, 3.0)),
-        result("attractor-0.5", "attractor", (0.01, 1.0, 2.05, 2.9), seconds=1.1,
+        result("plain", "plain", figures(), auroc=0.97),
+        result("jain-delayed", "jain-delayed", figures(z=-9.0)),
+        result("blend", "attractor", figures(z=-8.0, dist=0.45, prec=0.95), seconds=1.1,
                steering=(AttractorRepulsion(),)),
-        result("attractor-2", "attractor", (0.0, 0.85, 2.0, 2.9)),       # accuracy too low
-        result("attractor-1", "attractor", (0.0, 1.0, 2.5, 2.8)),        # FD too high
+        result("novel", "attractor", figures(z=-2.0, dist=0.9, prec=0.85, copy=0.0), seconds=1.2),
+        result("novel-but-off-data", "attractor", figures(z=1.0, dist=1.2, prec=0.3)),
+        result("novel-illegible", "attractor", figures(z=0.5, dist=1.1, acc=0.7)),
+        result("novel-hurts-frequent", "attractor", figures(z=-1.0, dist=1.0),
+               frequent=figures(z=5.0, dist=1.4, prec=0.4, fd=3.5, copy=0.0)),
     ), {})
     best = select_best(audit)
-    assert best.method.name == "attractor-0.5"
+    assert best.method.name == "novel"
     rows = {t: (m, ok) for t, m, ok in targets(audit, best)}
-    assert rows["best rare copy rate <= 0.05"][1] and rows["best rare FD <= 1.05 x plain"][1]
-    assert rows["beats jain-delayed (lower rare copy, accuracy >= its)"][1]
+    assert rows["best rare Z_U >= -3 in every class"] == ("-2.00 (C_T -2.00)", True)
+    assert not rows["stretch: best rare Z_U >= -1 in every class"][1]
+    assert rows["best rare precision >= 0.8 in every class"][1]
+    assert rows["plain rare Z_U far below 0 (worst class <= -5)"][1]
+    assert rows["best wall time <= 1.3x plain"] == ("1.20x (CPU 1.20x)", True)
     assert rows["best reference-free detector AUROC >= 0.95 within 20 % of steps"] == (
         "spikiness: 0.970 after 2 steps", True)
-    assert rows["AttractorRepulsion wall time <= 1.2x plain"][1]
-    # nothing within limits: fall back to the lowest copy rate with accuracy >= 0.9
-    audit = AuditResult((audit.results[0], audit.results[5], audit.results[4]), {})
-    assert select_best(audit).method.name == "attractor-1"
+    # no method meets the bands: the frontier point that stays on the data wins, whatever
+    # the Z_U of methods that leave it
+    audit = AuditResult(tuple(r for r in audit.results if r.method.name != "novel"), {})
+    assert select_best(audit).method.name == "blend"
     with pytest.raises(ValueError, match="no steered method"):
         select_best(AuditResult((audit.results[0],), {}))
 
