@@ -13,6 +13,10 @@ each, what diffusers' ``set_timesteps(sigmas=...)`` takes); a scheduler appends 
 * :func:`stock_sigmas` and :func:`flux_sigmas` — the grids stock diffusers samples on.
 * :func:`phase_aware_sigmas` — a grid with an exact share of steps above the phase boundary σ*
   (Liu et al., arXiv 2512.02826: navigation above σ*, refinement below it).
+* :func:`uniform_sigmas` — ``σ_i = 1 − i/N``: every step spent, the last one lands on 0 from 1/N.
+* :func:`profile_sigmas` — quantiles of a step density drawn from a phase profile (the rate at
+  which the reference posterior's top-1 weight changes) mixed with uniform; :func:`profile_cdf`
+  and :func:`profile_density` expose that density.
 
 These match ``FlowMatchEulerDiscreteScheduler`` to float32 rounding (see ``tests/sampling/test_schedules.py``);
 the scheduler itself (``steersample.sampling.scheduler``) calls diffusers' own code for stock grids.
@@ -36,7 +40,17 @@ __all__ = [
     "phase_aware_sigmas",
     "navigation_steps",
     "count_above",
+    "uniform_sigmas",
+    "profile_cdf",
+    "profile_density",
+    "profile_sigmas",
+    "DEFAULT_PROFILE_MIXING",
 ]
+
+DEFAULT_PROFILE_MIXING = 0.2
+"""Share λ of :func:`profile_sigmas`' step density that follows the posterior's rate of change
+(the rest is uniform). Fitted once on the embedded digits default and checked unchanged on the
+letters default (``benchmarks/quality_per_nfe.py --fit``); not a per-model knob."""
 
 
 def _as_tensor(sigmas: Tensor | list[float], dtype: torch.dtype = torch.float32) -> Tensor:
@@ -263,3 +277,153 @@ def count_above(sigmas: Tensor | list[float], boundary_sigma: float) -> int:
     """Number of noise levels strictly above ``boundary_sigma`` (navigation steps of a grid)."""
     sigmas = _as_tensor(sigmas)
     return int((sigmas.double() > float(boundary_sigma)).sum())
+
+
+def uniform_sigmas(
+    num_steps: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> Tensor:
+    """The uniform grid that ends at 0: ``σ_i = 1 − i/N`` for ``i = 0 … N − 1``.
+
+    Every step moves σ by exactly ``1/N``; the last evaluated σ is ``1/N`` and the scheduler's
+    appended terminal 0 is reached by a full step (unlike :func:`stock_sigmas`, whose last
+    evaluated σ is ``1/1000``). Same as Flux's ``linspace(1, 1/N, N)`` before its shift.
+
+    Returns:
+        ``(num_steps,)`` strictly decreasing σ.
+    """
+    _check_positive_int("num_steps", num_steps)
+    i = torch.arange(num_steps, dtype=torch.float64)
+    return (1.0 - i / num_steps).to(dtype=dtype, device=device)
+
+
+def _check_mixing(mixing: float) -> float:
+    if isinstance(mixing, bool) or not isinstance(mixing, (int, float)):
+        raise TypeError(f"mixing must be a number in [0, 1), got {mixing!r} ({type(mixing).__name__}).")
+    mixing = float(mixing)
+    if not (math.isfinite(mixing) and 0.0 <= mixing < 1.0):
+        raise ValueError(
+            f"mixing must lie in [0, 1), got {mixing!r}; it is the share of the step density that follows "
+            f"the profile (the rest is uniform, which keeps every step spent), e.g. {DEFAULT_PROFILE_MIXING}."
+        )
+    return mixing
+
+
+def _profile_knots(sigmas: Tensor | list[float], top1: Tensor | list[float]) -> tuple[Tensor, Tensor]:
+    """Validated profile as float64 knots ``s`` ascending on [0, 1] (0 and 1 added) and the rate
+    ``|Δtop1/Δσ|`` on each of the ``len(s) − 1`` intervals (0 outside the profile's σ range)."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().flatten()
+    y = torch.as_tensor(top1, dtype=torch.float64).detach().cpu().flatten()
+    if s.numel() != y.numel() or s.numel() < 2:
+        raise ValueError(
+            f"a profile needs matching sigmas and top1 with at least 2 points each, got {s.numel()} and "
+            f"{y.numel()}; pass PhaseProfile.estimate(reference) (its .sigmas and .top1)."
+        )
+    if not bool(torch.isfinite(s).all() & torch.isfinite(y).all()):
+        raise ValueError(
+            "the profile contains NaN or inf (in sigmas or top1); re-estimate it with "
+            "PhaseProfile.estimate(reference) on finite reference latents."
+        )
+    if bool(((s <= 0) | (s > 1)).any()):
+        raise ValueError(f"profile sigmas must lie in (0, 1], got min {float(s.min())!r}, max {float(s.max())!r}.")
+    order = torch.argsort(s)
+    s, y = s[order], y[order]
+    if bool((s.diff() <= 0).any()):
+        raise ValueError("profile sigmas must be distinct; pass the profile's own grid (no repeated noise levels).")
+    rate = (y.diff() / s.diff()).abs()
+    knots = torch.cat([torch.zeros(1, dtype=torch.float64), s])
+    rate = torch.cat([torch.zeros(1, dtype=torch.float64), rate])  # flat below the smallest profile σ
+    if float(s[-1]) < 1.0:
+        knots = torch.cat([knots, torch.ones(1, dtype=torch.float64)])
+        rate = torch.cat([rate, torch.zeros(1, dtype=torch.float64)])  # flat above the largest
+    if not float((rate * knots.diff()).sum()) > 0.0:
+        raise ValueError(
+            "the profile's top-1 weight does not change over its sigma grid, so it defines no step density; "
+            "estimate it on a grid that spans the navigation -> refinement boundary (the default grid does), "
+            "or use uniform_sigmas(num_steps)."
+        )
+    return knots, rate
+
+
+def profile_cdf(
+    sigmas: Tensor | list[float], top1: Tensor | list[float], mixing: float = DEFAULT_PROFILE_MIXING
+) -> tuple[Tensor, Tensor]:
+    """Knots of the step distribution :func:`profile_sigmas` takes quantiles of.
+
+    With the profile's top-1 curve ``p(σ)`` linearly interpolated between its grid points (flat
+    outside its σ range) and ``V(σ) = ∫₀^σ |dp/dσ'| dσ'`` (its total variation from the data end)::
+
+        F(σ) = (1 − λ)·σ + λ·V(σ)/V(1),     density  ρ(σ) = (1 − λ) + λ·|dp/dσ| / V(1)
+
+    ``F`` is piecewise linear, ``F(0) = 0``, ``F(1) = 1``, strictly increasing for ``λ < 1``.
+
+    Returns:
+        ``(knots, cdf)``: float64 ``(K,)`` σ ascending from 0 to 1 and ``F`` there.
+    """
+    mixing = _check_mixing(mixing)
+    knots, rate = _profile_knots(sigmas, top1)
+    mass = rate * knots.diff()
+    variation = torch.cat([torch.zeros(1, dtype=torch.float64), mass.cumsum(0)])
+    cdf = (1.0 - mixing) * knots + mixing * variation / variation[-1]
+    cdf[-1] = 1.0
+    return knots, cdf
+
+
+def profile_density(
+    sigma: Tensor | list[float], sigmas: Tensor | list[float], top1: Tensor | list[float],
+    mixing: float = DEFAULT_PROFILE_MIXING,
+) -> Tensor:
+    """The step density ``ρ(σ) = (1 − λ) + λ·|dp/dσ|/V(1)`` of :func:`profile_cdf` at ``sigma``.
+
+    Piecewise constant on the profile's intervals (right-continuous at a knot); integrates to 1
+    over [0, 1]. Returns float64 with ``sigma``'s shape.
+    """
+    mixing = _check_mixing(mixing)
+    knots, rate = _profile_knots(sigmas, top1)
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    if bool(((sigma < 0) | (sigma > 1) | ~torch.isfinite(sigma)).any()):
+        raise ValueError("sigma must lie in [0, 1] (0 is data, 1 is noise).")
+    j = (torch.searchsorted(knots, sigma.flatten(), right=True) - 1).clamp(0, rate.numel() - 1)
+    total = float((rate * knots.diff()).sum())
+    return ((1.0 - mixing) + mixing * rate[j] / total).reshape(sigma.shape)
+
+
+def profile_sigmas(
+    num_steps: int,
+    sigmas: Tensor | list[float],
+    top1: Tensor | list[float],
+    mixing: float = DEFAULT_PROFILE_MIXING,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """A grid with equal step-density mass between consecutive levels, the terminal 0 included.
+
+    ``σ_i = F⁻¹(1 − i/N)`` for ``i = 0 … N − 1`` (``F`` from :func:`profile_cdf`), so
+    ``σ_0 = 1``, every step (the last one, ``σ_{N−1} → 0``, too) carries mass ``1/N``, and
+    steps are short where the reference posterior changes fast (around the navigation →
+    refinement boundary σ*, Liu et al., arXiv 2512.02826) and long where it is flat. The
+    uniform share ``1 − λ`` bounds every step by ``1/((1 − λ)·N)``. Near σ = 0 the top-1 weight
+    has saturated (flat profile), so there the last evaluated σ is ``1/((1 − λ)·N) ≥ 1/N``: the
+    last step is a full one, not diffusers' ``1/1000 → 0``. ``λ = 0`` is :func:`uniform_sigmas`.
+
+    Args:
+        num_steps: ``N ≥ 1`` evaluated levels.
+        sigmas, top1: a phase profile's curve (``PhaseProfile.sigmas``, ``.top1``), any order.
+        mixing: λ in [0, 1), default :data:`DEFAULT_PROFILE_MIXING`.
+        dtype, device: of the returned tensor (computed in float64).
+
+    Returns:
+        ``(num_steps,)`` strictly decreasing σ in (0, 1].
+    """
+    _check_positive_int("num_steps", num_steps)
+    knots, cdf = profile_cdf(sigmas, top1, mixing)
+    targets = 1.0 - torch.arange(num_steps, dtype=torch.float64) / num_steps
+    # inverse of the piecewise-linear F: locate each target's interval, interpolate inside it
+    j = (torch.searchsorted(cdf, targets, right=True) - 1).clamp(0, cdf.numel() - 2)
+    frac = (targets - cdf[j]) / (cdf[j + 1] - cdf[j])
+    grid = knots[j] + frac * (knots[j + 1] - knots[j])
+    grid[0] = 1.0
+    grid = grid.to(dtype=dtype, device=device)
+    if num_steps > 1 and bool((grid.diff() >= 0).any()):
+        raise ValueError(f"{num_steps} steps are too many to resolve in {dtype}; use float64 or fewer steps.")
+    return grid
