@@ -17,6 +17,20 @@ the steps in between are then redistributed so that exactly
 ``round(navigation_fraction · N)`` of the N evaluated σ lie above σ*. In phase mode the
 ``sigmas`` argument thus fixes only N and the endpoints (FluxPipeline always passes
 ``linspace(1, 1/N, N)``), and explicit ``timesteps`` are refused.
+
+``from_profile(config, profile)`` is the grid that earned its place in
+``benchmarks/quality_per_nfe.py`` (issue #16): :func:`~steersample.sampling.schedules.profile_sigmas`,
+equal-mass quantiles of a step density that follows the rate of change of the profile's top-1
+curve, mixed with uniform, ending at 0 with every step spent::
+
+    profile = ss.PhaseProfile.estimate(ref)              # ref: the training set or a latent store
+    pipe.scheduler = ss.PhaseAwareFlowMatchScheduler.from_profile(pipe.scheduler.config, profile)
+
+The profile curve is stored in the config (plain float lists), so ``save_config`` /
+``from_pretrained`` round-trip it. The profile grid replaces the stock spacing entirely
+(``shift``, ``mu`` and the values of a pipeline's ``sigmas`` are not applied; ``sigmas`` only sets
+N): the profile, estimated in the model's own latent space, already places the steps where its
+posterior changes (towards noise for large latents, as a shift would).
 """
 
 from __future__ import annotations
@@ -30,7 +44,12 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import register_to_config
 
-from steersample.sampling.schedules import phase_aware_sigmas
+from steersample.sampling.schedules import (
+    DEFAULT_PROFILE_MIXING,
+    phase_aware_sigmas,
+    profile_cdf,
+    profile_sigmas,
+)
 
 __all__ = ["PhaseAwareFlowMatchScheduler", "DEFAULT_NAVIGATION_FRACTION"]
 
@@ -57,6 +76,23 @@ def _boundary_value(phase_boundary: Any) -> float | None:
     return value
 
 
+def _profile_lists(sigmas: Any, top1: Any, mixing: Any) -> tuple[list[float], list[float], float] | None:
+    """The profile options as JSON-ready lists and λ, validated (None when no profile is set)."""
+    if sigmas is None and top1 is None:
+        if mixing is not None:
+            raise ValueError(
+                f"profile_mixing={mixing!r} needs a profile; use from_profile(config, profile, mixing=...)."
+            )
+        return None
+    if sigmas is None or top1 is None:
+        raise ValueError("set both profile_sigmas and profile_top1 (or use from_profile(config, profile)).")
+    mixing = DEFAULT_PROFILE_MIXING if mixing is None else mixing
+    knots_sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    knots_top1 = torch.as_tensor(top1, dtype=torch.float64).flatten()
+    profile_cdf(knots_sigmas, knots_top1, mixing)  # raises, naming the fix, on a bad profile or λ
+    return knots_sigmas.tolist(), knots_top1.tolist(), float(mixing)
+
+
 class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
     """Flow-matching Euler scheduler whose grid can put a chosen share of steps above σ*.
 
@@ -66,6 +102,10 @@ class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
             the config as a float). None (default) = stock behaviour, bit for bit.
         navigation_fraction: share of the evaluated steps placed above σ*, in (0, 1); None means
             0.5 when ``phase_boundary`` is set. Only valid together with ``phase_boundary``.
+        profile_sigmas, profile_top1: a phase profile's curve (float lists, any σ order) for the
+            profile grid; set both (normally through :meth:`from_profile`) or neither.
+        profile_mixing: λ of the profile grid, in [0, 1); None means
+            ``DEFAULT_PROFILE_MIXING`` when a profile is set.
 
     The Euler update is the stock one, ``x_next = x + (σ_next − σ)·v`` (or the stochastic
     re-noising variant); only the grid changes. See :func:`~steersample.sampling.schedules.phase_aware_sigmas`
@@ -94,6 +134,9 @@ class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
         stochastic_sampling: bool = False,
         phase_boundary: float | None = None,
         navigation_fraction: float | None = None,
+        profile_sigmas: list[float] | None = None,
+        profile_top1: list[float] | None = None,
+        profile_mixing: float | None = None,
     ):
         # the stock constructor body, without registering its arguments a second time
         FlowMatchEulerDiscreteScheduler.__init__.__wrapped__(
@@ -128,7 +171,13 @@ class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
                     "it is the share of steps above the phase boundary, e.g. 0.5."
                 )
             navigation_fraction = float(navigation_fraction)
-        if boundary is not None:
+        profile = _profile_lists(profile_sigmas, profile_top1, profile_mixing)
+        if profile is not None and boundary is not None:
+            raise ValueError(
+                "phase_boundary and a profile grid are two different grids; use from_profile(config, profile) "
+                "alone, or phase_boundary=... without profile_sigmas/profile_top1."
+            )
+        if boundary is not None or profile is not None:
             clashes = [
                 name
                 for name in ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
@@ -136,11 +185,47 @@ class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
             ]
             if clashes:
                 raise ValueError(
-                    f"phase_boundary replaces the grid spacing, so it cannot be combined with {clashes}; "
-                    "set those to False, or phase_boundary=None."
+                    f"a phase-aware grid replaces the grid spacing, so it cannot be combined with {clashes}; "
+                    "set those to False, or use the stock grid (no phase_boundary or profile)."
                 )
         # store plain floats (a PhaseProfile is not JSON) so save/load round-trips
         self.register_to_config(phase_boundary=boundary, navigation_fraction=navigation_fraction)
+        if profile is not None:
+            self.register_to_config(profile_sigmas=profile[0], profile_top1=profile[1], profile_mixing=profile[2])
+
+    @classmethod
+    def from_profile(cls, config=None, profile=None, *, mixing: float = DEFAULT_PROFILE_MIXING, **kwargs):
+        """The phase-derived grid with the best quality per model evaluation (issue #16).
+
+        ``σ_i = F⁻¹(1 − i/N)``, ``F(σ) = (1 − λ)·σ + λ·V(σ)/V(1)`` with ``V`` the total variation of
+        the profile's mean top-1 weight from σ = 0 (see
+        :func:`~steersample.sampling.schedules.profile_sigmas`): σ_0 = 1, the grid ends at the
+        terminal 0 and the last evaluated σ is at least 1/N, steps are densest where the reference
+        posterior sharpens (around σ*).
+
+        Args:
+            config: a scheduler config (``pipe.scheduler.config``); its stock options other than the
+                spacing (``num_train_timesteps``, ``stochastic_sampling``, ...) are kept.
+            profile: a ``PhaseProfile`` (``PhaseProfile.estimate(ref)``; for SD3/Flux estimate it on a
+                reference store of VAE latents), or anything with ``.sigmas`` and ``.top1``.
+            mixing: λ in [0, 1), the share of the step density that follows the profile; the default
+                :data:`~steersample.sampling.schedules.DEFAULT_PROFILE_MIXING` was fitted once on the
+                digits default and is not meant to be tuned per model.
+            kwargs: other config overrides, as in ``from_config``.
+        """
+        if profile is None or not (hasattr(profile, "sigmas") and hasattr(profile, "top1")):
+            raise TypeError(
+                f"from_profile needs a PhaseProfile (with .sigmas and .top1), got {profile!r}; "
+                "pass ss.PhaseProfile.estimate(reference)."
+            )
+        sigmas = torch.as_tensor(profile.sigmas, dtype=torch.float64).flatten().tolist()
+        top1 = torch.as_tensor(profile.top1, dtype=torch.float64).flatten().tolist()
+        for key in ("phase_boundary", "navigation_fraction", "profile_sigmas", "profile_top1", "profile_mixing"):
+            if key in kwargs:
+                raise TypeError(f"from_profile sets the grid itself; drop {key}=... (use from_config for other grids).")
+        return cls.from_config(
+            config, profile_sigmas=sigmas, profile_top1=top1, profile_mixing=mixing, **kwargs
+        )
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
@@ -163,6 +248,11 @@ class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
         return self.config.phase_boundary is not None
 
     @property
+    def profile_aware(self) -> bool:
+        """True when a profile curve is set (the :meth:`from_profile` grid is used)."""
+        return self.config.get("profile_sigmas") is not None
+
+    @property
     def effective_navigation_fraction(self) -> float | None:
         """The share of steps above σ* actually used (0.5 when unset), None in stock mode."""
         if not self.phase_aware:
@@ -183,25 +273,34 @@ class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
         Sets ``self.sigmas`` (``(N + 1,)``, float32, terminal 0 appended) and ``self.timesteps``
         (``(N,)`` = ``1000·σ``), exactly as diffusers does.
         """
+        if timesteps is not None and (self.phase_aware or self.profile_aware):
+            raise ValueError(
+                "explicit timesteps conflict with the phase-aware grid; pass num_inference_steps (or "
+                "sigmas) instead, or use the stock grid (no phase_boundary or profile)."
+            )
         super().set_timesteps(
             num_inference_steps=num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps
         )
-        if not self.phase_aware:
+        if not (self.phase_aware or self.profile_aware):
             return
-        if timesteps is not None:
-            raise ValueError(
-                "explicit timesteps conflict with the phase-aware grid; pass num_inference_steps (or "
-                "sigmas) instead, or use phase_boundary=None."
-            )
         stock = self.sigmas  # (N + 1,), last entry the terminal 0
-        grid = phase_aware_sigmas(
-            len(stock) - 1,
-            self.config.phase_boundary,
-            self.effective_navigation_fraction,
-            sigma_max=stock[0].item(),
-            sigma_min=stock[-2].item(),
-            device=stock.device,
-        )
+        if self.profile_aware:
+            grid = profile_sigmas(
+                len(stock) - 1,
+                self.config.profile_sigmas,
+                self.config.profile_top1,
+                self.config.profile_mixing,
+                device=stock.device,
+            )
+        else:
+            grid = phase_aware_sigmas(
+                len(stock) - 1,
+                self.config.phase_boundary,
+                self.effective_navigation_fraction,
+                sigma_max=stock[0].item(),
+                sigma_min=stock[-2].item(),
+                device=stock.device,
+            )
         self.timesteps = grid * self.config.num_train_timesteps
         self.sigmas = torch.cat([grid, torch.zeros(1, device=grid.device)])
         self._step_index = None
