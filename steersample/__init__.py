@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "AttractorRepulsion": "steersample.steering.attractor",
     "RepresentationSteering": "steersample.steering.representation",
     "NoSteering": "steersample.sampling.protocol",
+    "recommended_steering": "steersample.steering.recommended",
 }
 
 # modules reachable as attributes, e.g. ``ss.metrics.copy_rate``

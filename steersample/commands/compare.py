@@ -54,27 +54,30 @@ class Setting:
     steering: tuple = ()
 
 
+def _describe(guidance) -> str:
+    lo, hi = guidance.window
+    if (lo, hi) == (0.0, 1.0) or guidance.scale_above == guidance.scale_below == guidance.scale:
+        return f"constant CFG {guidance.scale:g}"
+    return (f"CFG {guidance.scale:g} for sigma in ({lo:g}, {hi:g}], {guidance.scale_above:g} above, "
+            f"{guidance.scale_below:g} below")
+
+
 def settings(guidance: float) -> tuple[Setting, Setting]:
     """(plain, steered) at CFG scale ``guidance``.
 
-    THE place that says what "steered" means: the best memorisation controls that exist, as
-    measured by ``steersample audit`` on the default model at CFG 4 (see the README's audit
-    table): the same constant CFG plus ``AttractorRepulsion(strength=0.5)`` with its defaults
-    (trigger 0.8; samples of classes with fewer than 32 training images skip CFG while
-    σ > 0.5, per sample). On 3 rare classes x 128 samples (seeds 0-383, 30 steps) it took the
-    rare-class copy rate from 0.956 to 0.000 at rare accuracy 1.000 with the rare FD to held-out
-    digits 4.50 against plain 5.00, and on seeds 5000-5383 from 0.958 to 0.000 at accuracy
-    1.000, FD 4.29 against 4.53. In the audit the frequent classes keep their figures (FD 3.299
-    = plain); only a frequent-class sample that falls into one training image is steered.
+    "Steered" is :func:`steersample.recommended_steering` at the same scale (the setting
+    ``steersample audit`` ranks best on the embedded default, judged against held-out digits;
+    see the README's audit table), so the CLI, the studio's best preset and a user's pipeline
+    call agree.
     """
-    from steersample.steering.attractor import AttractorRepulsion
-    from steersample.evaluation.audit import BEST_STRENGTH
     from steersample.sampling.guidance import GuidanceSchedule
+    from steersample.steering.recommended import recommended_for_scale
 
     plain = Setting("plain", f"constant CFG {guidance:g}", GuidanceSchedule.constant(guidance))
-    steered = Setting(
-        "steered", f"constant CFG {guidance:g} + AttractorRepulsion(strength={BEST_STRENGTH:g})",
-        GuidanceSchedule.constant(guidance), (AttractorRepulsion(strength=BEST_STRENGTH),))
+    kw = recommended_for_scale(guidance)
+    steered = Setting("steered", f"{_describe(kw['guidance'])} + "
+                      + " + ".join(repr(s) for s in kw["steering"]),
+                      kw["guidance"], tuple(kw["steering"]))
     return plain, steered
 
 

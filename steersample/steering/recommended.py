@@ -1,0 +1,48 @@
+"""The recommended steering: what ``steersample compare``'s steered run, the studio's best preset
+and a user's pipeline call share.
+
+    kw = ss.recommended_steering(reference, scale=4.0)
+    out = pipe(class_labels=labels, reference=reference, **kw)   # guidance=..., steering=[...]
+
+One function so that the CLI, the studio and the README cannot drift apart; it is the setting
+``steersample audit`` ranks best on the embedded default (README, "Memorisation steering,
+measured"), with defaults derived from the reference set rather than tuned to one data set.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+from steersample.reference.reference_set import ReferenceSet
+from steersample.sampling.guidance import GuidanceSchedule
+from steersample.steering.attractor import AttractorRepulsion
+
+__all__ = ["recommended_steering", "recommended_for_scale", "RECOMMENDED_STRENGTH"]
+
+RECOMMENDED_STRENGTH = 0.5
+
+
+def recommended_steering(reference: ReferenceSet, scale: float = 4.0) -> dict[str, Any]:
+    """Keyword arguments ``{"guidance": GuidanceSchedule, "steering": [steerers]}`` for a
+    steered pipeline call at CFG ``scale`` against the training set ``reference``.
+
+    Raises:
+        TypeError: ``reference`` is not a ReferenceSet (steering reads the training set).
+        ValueError: ``scale`` is not a finite number.
+    """
+    if not isinstance(reference, ReferenceSet):
+        raise TypeError(f"reference must be a steersample.ReferenceSet (the training set), got "
+                        f"{type(reference).__name__}; build one with ss.ReferenceSet(latents, labels)")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number (the CFG scale), got {scale!r}")
+    return recommended_for_scale(float(scale))
+
+
+def recommended_for_scale(scale: float) -> dict[str, Any]:
+    """:func:`recommended_steering` without the reference check (the reference is passed to
+    the pipeline call, not held by the steerers); for callers that build settings before the
+    reference set is loaded."""
+    return {"guidance": GuidanceSchedule.constant(scale),
+            "steering": [AttractorRepulsion(strength=RECOMMENDED_STRENGTH)]}
