@@ -9,7 +9,9 @@ the same app. Only this package imports gradio; ``import steersample`` never doe
     demo.queue().launch(server_name="127.0.0.1")
 
 Modules: ``settings`` (controls -> validated request, presets), ``engine`` (models, the two
-sampling runs), ``render`` (tiles, phase plot, stats), ``app`` (the Gradio layout and handlers).
+sampling runs), ``render`` (tiles, phase plot, stats), ``downloads`` (JSON report, PNG sheet),
+``status`` (what the page says about itself: applied controls, stale results, presets, controls
+that cannot act), ``page`` (the Gradio layout and handlers), ``app`` (building and launching).
 """
 
 __all__ = ["build_app", "main"]

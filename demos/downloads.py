@@ -1,34 +1,38 @@
-"""The studio's downloads: a JSON report of one comparison and the PNG sheet.
+"""The studio's downloads: a JSON report of one comparison and a labelled PNG sheet.
 
-The sheet is ``steersample compare``'s (``steersample.commands._compare_report.render_sheet``:
-plain | steered, every sample beside its nearest training image, copies framed in red), fed
-with this request's samples, so the studio and the command draw the same picture. It draws
-one-channel 8×8 images (the digits models); for other models the studio offers no sheet.
+The sheet is a grid with one row per seed, plain left and steered right, each cell the tile
+the page shows (sample, nearest training image, badge, ratio, the judge's reading, distance
+relative to held-out data), under a header naming the model, class, seeds, preset and the
+settings of both sides. It draws any model's images.
 
-The JSON report holds the request, each arm's guidance schedule, scheduler options,
-steering, model evaluations, time, per-sample verdicts (seed, nearest training index, ratio,
-copy flag) and full per-step telemetry. Only the ``seconds`` fields vary between two runs of
-the same request.
+The JSON report holds the controls that applied (``status.applied_controls``: no absolute
+window values under a relative window, no strength without a steerer), each arm's guidance
+schedule, scheduler options, steering, model evaluations, time, per-sample verdicts (seed,
+nearest training index, ratio, copy flag, judge's class, relative distance) and full per-step
+telemetry. Only the ``seconds`` fields vary between two runs of the same request.
+
+File names carry the class, the first seed and the preset:
+``steersample-class3-seed5-best-steering-report.json`` and ``...-sheet.png``.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import shutil
-import threading
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-import torch
+from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["report_dict", "sheet_png", "write_downloads", "DownloadFolder"]
+from steersample.studio.render import arm_tiles, describe_arm
+from steersample.studio.status import applied_controls
 
-# render_sheet draws with pyplot, whose figure registry is global: one sheet at a time
-_PYPLOT_LOCK = threading.Lock()
+__all__ = ["report_dict", "sheet_png", "download_stem", "write_downloads", "DownloadFolder"]
 
 
 def _arm_dict(arm: Any, scheduler_options: dict | None, steering: tuple) -> dict[str, Any]:
@@ -40,6 +44,8 @@ def _arm_dict(arm: Any, scheduler_options: dict | None, steering: tuple) -> dict
                          is_copy=arm.copies[k])
         if arm.judge_labels is not None:
             entry["judge_class"] = arm.judge_labels[k]
+        if arm.relative_distances is not None:
+            entry["relative_distance"] = arm.relative_distances[k]
         samples.append(entry)
     return {
         "guidance": arm.guidance.to_dict(),
@@ -53,8 +59,10 @@ def _arm_dict(arm: Any, scheduler_options: dict | None, steering: tuple) -> dict
     }
 
 
-def report_dict(comparison: Any) -> dict[str, Any]:
-    """The JSON report of a ``Comparison`` (plain Python types only)."""
+def report_dict(comparison: Any, preset: str | None = None,
+                random_seed: bool = False) -> dict[str, Any]:
+    """The JSON report of a ``Comparison`` (plain Python types only); ``request`` lists only
+    the controls that applied."""
     import steersample
 
     plan, model = comparison.plan, comparison.model
@@ -63,10 +71,14 @@ def report_dict(comparison: Any) -> dict[str, Any]:
         "tool": f"steersample {steersample.__version__} studio",
         "model": model.name,
         "model_kind": model.kind,
-        "request": comparison.request.as_dict(),
+        "preset": preset,
+        "request": applied_controls(comparison.request, plan.window, random_seed),
         "boundary_sigma": plan.boundary_sigma,
         "guidance_window": list(plan.window),
         "copy_test": "d(NN1)/d(NN2) < 1/3 against the model's training set",
+        "relative_distance": None if model.heldout is None else
+        "nearest-training distance over the median held-out sample's (of the class); "
+        "1: as far as unseen real data, near 0: a copy",
         "phase_profile": None if profile is None else {
             "class": profile.label, "sigmas": profile.sigmas.tolist(),
             "top1": profile.top1.tolist(), "boundary_sigma": profile.boundary_sigma},
@@ -75,23 +87,67 @@ def report_dict(comparison: Any) -> dict[str, Any]:
     }
 
 
-def sheet_png(comparison: Any) -> bytes | None:
-    """PNG bytes of ``steersample compare``'s sheet for this request, or None if it cannot draw
-    this model's images (it draws one-channel 8×8 images with a training set)."""
-    from steersample.commands._compare_report import render_sheet
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
 
+
+def sheet_png(comparison: Any, preset: str | None = None) -> bytes:
+    """PNG bytes of the labelled sheet: a header, then one row per seed (plain | steered)."""
     model, request = comparison.model, comparison.request
-    x = comparison.plain.latents
-    if model.reference is None or model.kind != "class" or tuple(x.shape[1:]) != (1, 8, 8):
-        return None
-    runs = {}
-    for arm in (comparison.plain, comparison.steered):
-        flags = SimpleNamespace(copy=torch.tensor(arm.copies))
-        runs[arm.name] = (None, arm.latents.clamp(-1.0, 1.0), flags, arm.model_evals, arm.seconds)
-    rare = tuple(c for c, name in enumerate(model.class_names) if "rare" in name)
-    with _PYPLOT_LOCK:
-        return render_sheet(runs, model.reference, [request.class_id], request.num_samples,
-                            request.num_samples, SimpleNamespace(rare_classes=rare))
+    target = request.class_id
+    pairs = list(zip(arm_tiles(comparison.plain, target), arm_tiles(comparison.steered, target)))
+    cell_w = max(tile.width for pair in pairs for tile, _ in pair)
+    cell_h = max(tile.height for pair in pairs for tile, _ in pair)
+    pad, gap = 16, 12
+    width = max(2 * cell_w + gap + 2 * pad, 900)
+    what = (f"class {model.class_names[target]}" if target is not None
+            else f"prompt “{request.prompt}”")
+    last = request.seed + request.num_samples - 1
+    header = [(f"steersample studio · {model.name} · {what} · seeds {request.seed}–{last} · "
+               f"{request.steps} steps · preset {preset or 'custom'}", 26, (20, 20, 20)),
+              (f"Plain: {describe_arm(comparison.plain, comparison)}", 20, (60, 60, 60)),
+              (f"Steered: {describe_arm(comparison.steered, comparison)}", 20, (60, 60, 60))]
+    lines: list[tuple[str, int, tuple]] = []
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    for text, size, colour in header:  # wrap each header line to the sheet's width
+        words, current = text.split(" "), ""
+        for word in words:
+            trial = f"{current} {word}".strip()
+            if current and probe.textlength(trial, font=_font(size)) > width - 2 * pad:
+                lines.append((current, size, colour))
+                current = word
+            else:
+                current = trial
+        lines.append((current, size, colour))
+    header_h = sum(size + 8 for _, size, _ in lines) + 40
+    height = header_h + len(pairs) * (cell_h + gap) + pad
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = pad
+    for text, size, colour in lines:
+        draw.text((pad, y), text, fill=colour, font=_font(size))
+        y += size + 8
+    y += 8
+    for column, name in enumerate(("plain", "steered")):
+        draw.text((pad + column * (cell_w + gap), y), name, fill=(20, 20, 20), font=_font(22))
+    y = header_h
+    for (plain, _), (steered, _) in pairs:
+        sheet.paste(plain, (pad, y))
+        sheet.paste(steered, (pad + cell_w + gap, y))
+        y += cell_h + gap
+    buffer = io.BytesIO()
+    sheet.convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(buffer, "png",
+                                                                       optimize=True)
+    return buffer.getvalue()
+
+
+def download_stem(comparison: Any, preset: str | None) -> str:
+    """``steersample-class3-seed5-best-steering``: class, first seed and preset, file-name safe."""
+    request = comparison.request
+    what = (f"class{request.class_id}" if request.class_id is not None
+            else re.sub(r"[^a-z0-9]+", "-", (request.prompt or "").lower())[:24].strip("-"))
+    name = f"steersample-{what}-seed{request.seed}-{preset or 'custom'}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
 
 
 class DownloadFolder:
@@ -117,13 +173,14 @@ class DownloadFolder:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def write_downloads(comparison: Any, folder: Path) -> tuple[str, str | None]:
-    """Write ``report.json`` (and ``sheet.png`` when drawable) into ``folder``; return paths."""
-    report = folder / "steersample-report.json"
-    report.write_text(json.dumps(report_dict(comparison), indent=1) + "\n")
-    png = sheet_png(comparison)
-    sheet = None
-    if png is not None:
-        sheet = folder / "steersample-sheet.png"
-        sheet.write_bytes(png)
-    return str(report), None if sheet is None else str(sheet)
+def write_downloads(comparison: Any, folder: Path, preset: str | None = None,
+                    random_seed: bool = False) -> tuple[str, str]:
+    """Write the report and the sheet into ``folder`` (named by :func:`download_stem`);
+    return their paths."""
+    stem = download_stem(comparison, preset)
+    report = folder / f"{stem}-report.json"
+    data = report_dict(comparison, preset, random_seed)
+    report.write_text(json.dumps(data, indent=1) + "\n")
+    sheet = folder / f"{stem}-sheet.png"
+    sheet.write_bytes(sheet_png(comparison, preset))
+    return str(report), str(sheet)

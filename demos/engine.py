@@ -47,6 +47,9 @@ class StudioModel:
         default_class: the class selected when the model is picked (default 0).
         digits: samples are 8×8 digits in [-1, 1], so ``steersample.evaluation.judge`` (a classifier
             fitted on real digits) can say which digit each sample reads as.
+        heldout: ``(images, labels)`` of real data the model never saw, in the reference's
+            latent layout (labels may be None), or None: each sample's distance to the training
+            set is then reported relative to held-out data's (``metrics.relative_distance``).
     """
 
     name: str
@@ -57,6 +60,7 @@ class StudioModel:
     description: str = ""
     default_class: int | None = None
     digits: bool = False
+    heldout: Any = None
     _profiles: dict = field(default_factory=dict, repr=False, compare=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -132,11 +136,14 @@ def load_model_folder(path: str | Path, name: str | None = None) -> StudioModel:
     if (folder / "metadata.json").is_file() and (folder / "reference.safetensors").is_file():
         from steersample.default import load_default, load_default_info
 
+        from steersample.default import held_out_digits
+
         pipe, reference = load_default(folder)
         info = load_default_info(folder)
         return StudioModel(name, pipe, reference, "class", _class_names(info),
                            f"{folder.name}: class-conditional flow model and its training set",
-                           default_class=min(info.rare_classes, default=0), digits=True)
+                           default_class=min(info.rare_classes, default=0), digits=True,
+                           heldout=held_out_digits(info))
     if not (folder / "model_index.json").is_file():
         raise ValueError(f"--model {str(folder)!r} has no model_index.json; pass a diffusers "
                          "pipeline folder (pipe.save_pretrained(folder)) or a default-model folder")
@@ -198,6 +205,9 @@ class ArmResult:
         nearest_images: ``(B, H, W, C)`` nearest training image of each sample, or None.
         judge_labels: the digit ``steersample.evaluation.judge.classify`` reads in each sample, or None
             (models that are not digits models).
+        relative_distances: each sample's nearest-training distance over the median held-out
+            sample's (of its class when labelled; 1: as far as unseen real data, near 0: a
+            copy), or None without held-out data.
     """
 
     name: str
@@ -209,6 +219,7 @@ class ArmResult:
     guidance: Any
     nearest_images: np.ndarray | None
     judge_labels: tuple[int, ...] | None = None
+    relative_distances: tuple[float, ...] | None = None
 
     @property
     def model_evals(self) -> int:
@@ -283,7 +294,25 @@ def _run_arm(name: str, model: StudioModel, request: StudioRequest, guidance: An
 
         judged = tuple(int(c) for c in classify(latents.clamp(-1.0, 1.0).cpu()))
     return ArmResult(name, np.asarray(images, dtype=np.float32), latents.cpu(), seeds,
-                     out.telemetry, seconds, guidance, nearest, judged)
+                     out.telemetry, seconds, guidance, nearest, judged,
+                     _relative_distances(model, request, latents))
+
+
+def _relative_distances(model: StudioModel, request: StudioRequest,
+                        latents: torch.Tensor) -> tuple[float, ...] | None:
+    """``metrics.relative_distance`` of each sample against the model's held-out data."""
+    if model.reference is None or model.heldout is None:
+        return None
+    from steersample.evaluation.novelty import relative_distance
+
+    images, labels = model.heldout
+    x = latents.float().to(model.reference.latents.device)
+    if labels is not None and model.reference.labels is not None and request.class_id is not None:
+        mine = torch.full((x.shape[0],), request.class_id, dtype=torch.long)
+        values = relative_distance(x, model.reference, images, labels=mine, heldout_labels=labels)
+    else:
+        values = relative_distance(x, model.reference, images)
+    return tuple(float(v) for v in values.cpu())
 
 
 def run_comparison(model: StudioModel, request: StudioRequest) -> Comparison:

@@ -4,8 +4,9 @@ No gradio here; everything returns PIL images, matplotlib figures or Markdown st
 
 A tile shows one sample beside its nearest training image, both enlarged with nearest-
 neighbour interpolation (an 8×8 digit becomes 112×112 crisp pixels), and a caption with the
-seed, the ratio d(NN1)/d(NN2) and a badge: red **COPY** when the ratio is below 1/3, green
-**novel** otherwise.
+seed, the ratio d(NN1)/d(NN2) and a badge: red **COPY** when the ratio is below 1/3, orange
+**off-class** when the judge reads another class, green **novel** otherwise; then what the
+judge reads and the distance to the training set relative to held-out data, where known.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["COPY_COLOUR", "NOVEL_COLOUR", "enlarge", "sample_tile", "arm_tiles", "phase_figure",
+__all__ = ["COPY_COLOUR", "NOVEL_COLOUR", "OFF_CLASS_COLOUR", "enlarge", "verdict", "sample_tile",
+           "arm_tiles", "comparison_tiles", "phase_figure", "phase_html", "phase_alt_text", "describe_arm",
            "arm_summary"]
 
 COPY_COLOUR = (214, 39, 40)
 NOVEL_COLOUR = (44, 160, 44)
+OFF_CLASS_COLOUR = (196, 98, 0)
 _FRAME = (205, 205, 205)
 _TEXT = (40, 40, 40)
 _DISPLAY = 88  # target side of a displayed image, pixels (8x8 digits: 11x)
@@ -49,29 +52,51 @@ def enlarge(image: np.ndarray, side: int = _DISPLAY) -> Image.Image:
     return pil.resize(size, Image.Resampling.LANCZOS).convert("RGB")
 
 
+def verdict(is_copy: bool | None, judged: int | None, target: int | None) -> str | None:
+    """The tile's badge: ``"COPY"`` (ratio < 1/3), ``"off-class"`` (the judge reads another
+    class, so the sample is not a novel instance of its class), ``"novel"``; None untested."""
+    if is_copy is None:
+        return None
+    if is_copy:
+        return "COPY"
+    if judged is not None and target is not None and judged != target:
+        return "off-class"
+    return "novel"
+
+
+_BADGE_COLOUR = {"COPY": COPY_COLOUR, "novel": NOVEL_COLOUR, "off-class": OFF_CLASS_COLOUR}
+
+
 def sample_tile(sample: np.ndarray, nearest: np.ndarray | None, seed: int,
                 ratio: float | None, is_copy: bool | None,
-                nearest_index: int | None = None, scale: int = 2) -> Image.Image:
+                nearest_index: int | None = None, scale: int = 2, *, side: str = "",
+                judged: int | None = None, target: int | None = None,
+                relative: float | None = None) -> Image.Image:
     """One gallery item: the sample (and its nearest training image) with a captioned badge.
 
-    Drawn at ``scale`` times the layout size (2: sharp text when the browser shrinks the tile
-    into a gallery cell, and on high-density screens).
+    Under the images: the badge (:func:`verdict`) and the ratio; then what the judge reads
+    (``judged``, against the requested class ``target``) and the distance to the training set
+    relative to held-out data (``relative``), when known. Drawn at ``scale`` times the layout
+    size (2: sharp text when the browser shrinks the tile, and on high-density screens).
     """
     u = scale
-    pad, gap, label_h, caption = 6 * u, 8 * u, 19 * u, 30 * u
+    pad, gap, label_h, line = 6 * u, 8 * u, 19 * u, 19 * u
     left = enlarge(sample, _DISPLAY * u)
     right = enlarge(nearest, _DISPLAY * u) if nearest is not None else None
+    badge = verdict(is_copy, judged, target)
+    lines = [text for text in (_judge_text(judged, target), _distance_text(relative)) if text]
     w = left.width + (gap + right.width if right is not None else 0) + 2 * pad
-    h = label_h + left.height + caption + 2 * pad
+    h = label_h + left.height + (30 * u if ratio is not None else 8 * u) + line * len(lines) + 2 * pad
     tile = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(tile)
     small = _font(14 * u)
-    colour = _FRAME if is_copy is None else (COPY_COLOUR if is_copy else NOVEL_COLOUR)
+    colour = _FRAME if badge is None else _BADGE_COLOUR[badge]
     top = pad + label_h
     tile.paste(left, (pad, top))
     draw.rectangle((pad - 3 * u, top - 3 * u, pad + left.width + 3 * u - 1,
                     top + left.height + 3 * u - 1), outline=colour, width=3 * u)
-    draw.text((pad, pad - 2 * u), f"seed {seed}", fill=_TEXT, font=small)
+    draw.text((pad, pad - 2 * u), f"{side} · seed {seed}" if side else f"seed {seed}",
+              fill=_TEXT, font=small)
     if right is not None:
         x = pad + left.width + gap
         tile.paste(right, (x, top))
@@ -80,40 +105,81 @@ def sample_tile(sample: np.ndarray, nearest: np.ndarray | None, seed: int,
         label = "nearest" if nearest_index is None else f"nearest #{nearest_index}"
         draw.text((x, pad - 2 * u), label, fill=(110, 110, 110), font=small)
     y = top + left.height + 8 * u
-    if ratio is not None:
-        text = "COPY" if is_copy else "novel"
+    if ratio is not None and badge is not None:
         font = _font(15 * u)
-        box = draw.textbbox((0, 0), text, font=font)
+        box = draw.textbbox((0, 0), badge, font=font)
         bw, bh = box[2] - box[0] + 14 * u, 22 * u
         x0 = pad - 3 * u
         draw.rounded_rectangle((x0, y, x0 + bw, y + bh), radius=6 * u, fill=colour)
-        draw.text((x0 + 7 * u, y + (bh - (box[3] - box[1])) / 2 - box[1]), text, fill="white",
+        draw.text((x0 + 7 * u, y + (bh - (box[3] - box[1])) / 2 - box[1]), badge, fill="white",
                   font=font)
         draw.text((x0 + bw + 8 * u, y + 3 * u), f"ratio {ratio:.2f}", fill=_TEXT,
                   font=_font(14 * u))
+        y += 30 * u
+    for text in lines:
+        draw.text((pad - 3 * u, y), text, fill=_TEXT, font=small)
+        y += line
     return tile
 
 
-def arm_tiles(arm: Any) -> list[tuple[Image.Image, str]]:
-    """Gallery value for one ``ArmResult``: ``[(tile, caption), ...]`` in seed order.
+def _judge_text(judged: int | None, target: int | None) -> str | None:
+    if judged is None:
+        return None
+    if target is None or judged == target:
+        return f"judge reads a {judged} ✓"
+    return f"judge reads a {judged}, not {target}"
 
-    The caption repeats the tile's verdict for screen readers and the full-size preview.
-    """
-    ratios, copies, nearest_idx = arm.ratios, arm.copies, arm.nearest_indices
+
+def _distance_text(relative: float | None) -> str | None:
+    if relative is None:
+        return None
+    if not math.isfinite(relative):
+        return "distance: no held-out data"
+    return f"distance {relative:.2f} × held-out"
+
+
+def _caption(arm: Any, k: int, target: int | None) -> str:
+    """Everything the tile says, as text: screen readers and the enlarged view read it."""
+    seed = arm.seeds[k]
+    parts = []
+    if arm.ratios is not None:
+        badge = verdict(arm.copies[k], _at(arm.judge_labels, k), target)
+        parts.append(f"{badge}, ratio {arm.ratios[k]:.2f}")
+    judged = _judge_text(_at(arm.judge_labels, k), target)
+    if judged:
+        parts.append(judged.replace(" ✓", ""))
+    relative = _at(arm.relative_distances, k)
+    if relative is not None and math.isfinite(relative):
+        parts.append(f"distance to the training set {relative:.2f} × a held-out sample's")
+    if arm.nearest_indices is not None:
+        parts.append(f"nearest training image #{arm.nearest_indices[k]}")
+    return f"{arm.name} · seed {seed}" + (": " + ", ".join(parts) if parts else "")
+
+
+def _at(values: Any, k: int) -> Any:
+    return None if values is None else values[k]
+
+
+def arm_tiles(arm: Any, target: int | None = None) -> list[tuple[Image.Image, str]]:
+    """``[(tile, caption), ...]`` of one ``ArmResult`` in seed order (``target``: the class)."""
     items = []
     for k, seed in enumerate(arm.seeds):
-        nearest = arm.nearest_images[k] if arm.nearest_images is not None else None
-        ratio = ratios[k] if ratios is not None else None
-        copy = copies[k] if copies is not None else None
-        index = nearest_idx[k] if nearest_idx is not None else None
-        tile = sample_tile(arm.images[k], nearest, seed, ratio, copy, index)
-        if ratio is None:
-            caption = f"seed {seed}"
-        else:
-            verdict = "COPY" if copy else "novel"
-            caption = f"seed {seed}: {verdict}, ratio {ratio:.2f}, nearest training image #{index}"
-        items.append((tile, caption))
+        tile = sample_tile(arm.images[k], _at(arm.nearest_images, k), seed, _at(arm.ratios, k),
+                           _at(arm.copies, k), _at(arm.nearest_indices, k), side=arm.name,
+                           judged=_at(arm.judge_labels, k), target=target,
+                           relative=_at(arm.relative_distances, k))
+        items.append((tile, _caption(arm, k, target)))
     return items
+
+
+def comparison_tiles(comparison: Any) -> list[tuple[Image.Image, str]]:
+    """Gallery value of a ``Comparison``: plain and steered tile of each seed, in turn.
+
+    In a two-column gallery each row is one seed, plain left, steered right."""
+    target = comparison.request.class_id
+    plain = arm_tiles(comparison.plain, target)
+    steered = arm_tiles(comparison.steered, target)
+    return [item for pair in zip(plain, steered) for item in pair]
 
 
 def _mean_top1(arm: Any) -> tuple[np.ndarray, np.ndarray] | None:
@@ -171,7 +237,43 @@ def phase_figure(comparison: Any):
     return fig
 
 
-def _describe(arm: Any, comparison: Any) -> str:
+def phase_alt_text(comparison: Any) -> str:
+    """What the phase plot shows, in words (its ``alt`` text)."""
+    lo, hi = comparison.plan.window
+    g = comparison.steered.guidance
+    parts = ["Phase plot: oracle top-1 weight against σ, from 1 (noise) to 0 (data)",
+             f"guidance window ({lo:.2f}, {hi:.2f}] shaded, w = {g.scale:g}"]
+    profile = comparison.profile
+    if profile is not None and math.isfinite(float(profile.boundary_sigma)):
+        parts.append(f"the training images' curve crosses 0.5 at σ* = "
+                     f"{float(profile.boundary_sigma):.3f}")
+    for arm in (comparison.plain, comparison.steered):
+        curve = _mean_top1(arm)
+        if curve is not None:
+            parts.append(f"{arm.name} samples end at top-1 weight {float(curve[1][-1]):.2f}")
+    return "; ".join(parts) + "."
+
+
+def phase_html(comparison: Any) -> str:
+    """The phase plot as an HTML figure: a heading above the image (never over it), the PNG
+    inline, and :func:`phase_alt_text` as its alt text."""
+    import base64
+    import html
+    import io
+
+    buffer = io.BytesIO()
+    phase_figure(comparison).savefig(buffer, format="png", dpi=100)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    alt = html.escape(phase_alt_text(comparison), quote=True)
+    return ('<figure class="phase-figure" style="margin:0">'
+            '<figcaption style="font-weight:600;margin-bottom:4px">Phase plot: oracle top-1 '
+            'weight against σ</figcaption>'
+            f'<img src="data:image/png;base64,{data}" alt="{alt}" '
+            'style="width:100%;height:auto;display:block"></figure>')
+
+
+def describe_arm(arm: Any, comparison: Any) -> str:
+    """One line: what arm ``arm`` ran (scales and window, schedule with its shift, steerer)."""
     request, plan = comparison.request, comparison.plan
     if arm.name == "plain":
         shift = comparison.model.shift
@@ -184,7 +286,10 @@ def _describe(arm: Any, comparison: Any) -> str:
     if g.scale_below != 1.0 and lo > 0.0:
         parts.append(f"{g.scale_below:g} below")
     if request.schedule == "phase-aware":
-        parts.append(f"phase-aware grid ({request.navigation_fraction:.0%} of steps above σ*)")
+        star = plan.boundary_sigma
+        at = f" = {star:.3f}" if star is not None else ""
+        parts.append(f"phase-aware grid ({request.navigation_fraction:.0%} of steps above "
+                     f"σ*{at}), shift {request.shift:g}")
     else:
         parts.append(f"shift {request.shift:g}")
     if plan.steering:
@@ -197,14 +302,18 @@ def _describe(arm: Any, comparison: Any) -> str:
 def arm_summary(arm: Any, comparison: Any) -> str:
     """Markdown: what the arm ran, its model evaluations, time and copy count."""
     copies = arm.copies
-    verdict = ("copies: n/a (no training set)" if copies is None else
-               f"copies: **{sum(copies)}/{len(copies)}** (ratio < 1/3)")
+    copy_text = ("copies: n/a (no training set)" if copies is None else
+                 f"copies: **{sum(copies)}/{len(copies)}** (ratio < 1/3)")
     steps = comparison.request.steps
     judged = ""
     if arm.judge_labels is not None:
         target = comparison.request.class_id
         hits = sum(label == target for label in arm.judge_labels)
         judged = f" · judge reads **{hits}/{len(arm.judge_labels)}** as a {target}"
-    return (f"**{arm.name.capitalize()}**: {_describe(arm, comparison)}  \n"
+    distance = ""
+    finite = [d for d in (arm.relative_distances or ()) if math.isfinite(d)]
+    if finite:
+        distance = f" · median distance **{float(np.median(finite)):.2f}** × held-out"
+    return (f"**{arm.name.capitalize()}**: {describe_arm(arm, comparison)}  \n"
             f"model evaluations: **{arm.model_evals}** in {steps} steps · "
-            f"time: **{arm.seconds:.2f} s** · {verdict}{judged}")
+            f"time: **{arm.seconds:.2f} s** · {copy_text}{judged}{distance}")

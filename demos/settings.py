@@ -37,7 +37,10 @@ __all__ = [
     "steerer_strength_parameter",
     "steerer_summary",
     "steerer_default_strength",
+    "steerer_strength_range",
     "preset_values",
+    "PRESET_DESCRIPTIONS",
+    "RANDOM_SEED",
 ]
 
 
@@ -55,7 +58,7 @@ class Limit:
 
 
 LIMITS: dict[str, Limit] = {
-    "seed": Limit("Seed", 0, 2**31 - 1, 0, 1, True),
+    "seed": Limit("Seed", 0, 2**31 - 1, 0, 1, True, info="−1: a random seed"),
     "num_samples": Limit("Samples", 1, 16, 4, 1, True),
     "steps": Limit("Steps", 2, 100, 20, 1, True),
     "guidance_scale": Limit("Guidance scale w", -10.0, 20.0, 3.0, 0.1,
@@ -72,6 +75,9 @@ LIMITS: dict[str, Limit] = {
     "strength": Limit("Steering strength", 0.0, 3.0, 1.0, 0.05),
 }
 
+RANDOM_SEED = -1
+"""The seed value that asks for a fresh random seed (the request records the one drawn)."""
+
 SCHEDULES: tuple[str, ...] = ("shift", "phase-aware")
 """Steered-side schedules: stock grid with a shift, or the phase-aware grid around σ*."""
 
@@ -87,6 +93,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "Jain opposite": dict(window_relative=True, below_boundary=1.0, above_boundary=0.0,
                           scale_above=-2.0, scale_below=1.0, schedule="shift", steering="none"),
     "best steering": {},
+}
+
+PRESET_DESCRIPTIONS: dict[str, str] = {
+    "plain": "no window, no steering: the steered side equals the plain side",
+    "paper window": "CFG only on σ ∈ (0.4, 0.9], the guidance-interval paper's window",
+    "Jain delayed": "no CFG above σ*, CFG from σ* down: the class is chosen before guidance",
+    "Jain opposite": "opposite guidance (w = −2) above σ*, CFG below it: pushes away from copies",
+    "best steering": "what `steersample compare` calls steered: its window, scales and steerer",
 }
 
 
@@ -148,6 +162,28 @@ def steerer_summary(name: str) -> str:
     effect = (f"strength sets `{cls.__name__}({param}=…)`" if param is not None
               else "the strength slider has no effect")
     return f"{doc} ({effect})" if doc else effect
+
+
+def steerer_strength_range(name: str) -> tuple[float, float] | None:
+    """The strength slider's values steerer ``name`` accepts, as ``(low, high)``; None if the
+    slider sets nothing. Found by constructing the steerer on the slider's grid (a steerer
+    validates its own arguments), so a steerer limited to [0, 1] gets a slider up to 1."""
+    from steersample.steering.registry import make_steerer
+
+    param = steerer_strength_parameter(name)
+    if param is None:
+        return None
+    limit = LIMITS["strength"]
+    grid = [round(limit.minimum + k * limit.step, 6)
+            for k in range(int(round((limit.maximum - limit.minimum) / limit.step)) + 1)]
+    accepted = []
+    for value in grid:
+        try:
+            make_steerer(name, **{param: value})
+        except (TypeError, ValueError):
+            continue
+        accepted.append(value)
+    return (min(accepted), max(accepted)) if accepted else None
 
 
 def _best_steering_preset(guidance_scale: float) -> dict[str, Any]:
@@ -223,7 +259,8 @@ def _number(name: str, value: Any) -> float | int:
             raise ValueError(f"{limit.label}: expected a whole number {span}, got {value!r}")
         value = int(value)
     if not limit.minimum <= value <= limit.maximum:
-        raise ValueError(f"{limit.label} must lie {span}, got {_fmt(value)}; "
+        hint = f" ({limit.info})" if name == "seed" else ""
+        raise ValueError(f"{limit.label} must lie {span}{hint}, got {_fmt(value)}; "
                          "pick a value in that range")
     return value if limit.integer else float(value)
 
@@ -266,6 +303,12 @@ def parse_request(values: Mapping[str, Any], *, models: Mapping[str, Any]) -> St
             raise ValueError("Prompt: type a prompt for this text-to-image model")
         if len(prompt) > 1000:
             raise ValueError(f"Prompt: at most 1000 characters, got {len(prompt)}")
+    values = dict(values)
+    if not isinstance(values["seed"], bool) and values["seed"] == RANDOM_SEED:
+        import random  # a fresh seed for this request; the request records it
+
+        samples = _number("num_samples", values["num_samples"])
+        values["seed"] = random.SystemRandom().randrange(0, LIMITS["seed"].maximum - samples + 2)
     numbers_ = {key: _number(key, values[key]) for key in
                 ("seed", "num_samples", "steps", "guidance_scale", "scale_above", "scale_below",
                  "window_lo", "window_hi", "below_boundary", "above_boundary", "shift",

@@ -27,13 +27,23 @@ def tiny_reference():
     return ReferenceSet(images[pick], labels[pick])
 
 
+def tiny_heldout():
+    """8 other real digits of each class (80 images) with labels: the held-out data."""
+    from steersample.data import load_digits
+
+    images, labels = load_digits()
+    pick = torch.cat([(labels == c).nonzero().flatten()[8:16] for c in range(10)])
+    return images[pick], labels[pick]
+
+
 def tiny_model():
-    """A ``StudioModel`` around the tiny class-conditional DiT of ``steersample.testing``."""
+    """A ``StudioModel`` around the tiny class-conditional DiT of ``steersample.testing``,
+    judged as digits and with held-out digits (so tiles carry both readings)."""
     from steersample.studio.engine import StudioModel
     from steersample.testing import tiny_flow_pipeline
 
     return StudioModel(TINY, tiny_flow_pipeline(), tiny_reference(), "class",
-                       description="tiny test model")
+                       description="tiny test model", digits=True, heldout=tiny_heldout())
 
 
 def free_port() -> int:
