@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import numbers
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -26,6 +27,7 @@ __all__ = [
     "resolve_guidance",
     "check_reference",
     "check_latents",
+    "check_num_inference_steps",
     "per_run_scheduler",
     "uses_uncond",
     "finish",
@@ -135,6 +137,26 @@ def check_latents(latents: torch.Tensor | None, shape: Sequence[int] | None = No
         raise ValueError(
             "latents contain NaN or infinite values; pass finite initial noise "
             "(e.g. torch.randn with a generator) or leave latents=None"
+        )
+
+
+def check_num_inference_steps(num_inference_steps: Any, sigmas: Any = None) -> None:
+    """Raise unless ``num_inference_steps`` is a positive integer (it is not read when ``sigmas``
+    is given: the grid is then ``sigmas``, as in the stock pipelines).
+
+    Without this, 0 or a negative count reaches NumPy's ``linspace`` ("Number of samples, -3,
+    must be non-negative") or builds an empty grid."""
+    if sigmas is not None:
+        return
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
+        raise TypeError(
+            f"num_inference_steps must be a positive integer, got "
+            f"{type(num_inference_steps).__name__}: {num_inference_steps!r}"
+        )
+    if num_inference_steps < 1:
+        raise ValueError(
+            f"num_inference_steps must be at least 1, got {num_inference_steps}; pass a positive "
+            "number of denoising steps (e.g. 28), or the sigma grid itself with sigmas=[...]"
         )
 
 

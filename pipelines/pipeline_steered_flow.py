@@ -26,6 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from steersample.pipelines._common import (
     quiet_transformers,
     check_latents,
+    check_num_inference_steps,
     check_reference,
     finish,
     per_run_scheduler,
@@ -94,6 +95,11 @@ class SteeredFlowPipeline(DiffusionPipeline):
     @property
     def interrupt(self) -> bool:
         return getattr(self, "_interrupt", False)
+
+    @property
+    def current_timestep(self):
+        """The timestep of the step being run, None outside a call (diffusers' cache hooks)."""
+        return getattr(self, "_current_timestep", None)
 
     @property
     def num_timesteps(self) -> int:
@@ -176,6 +182,7 @@ class SteeredFlowPipeline(DiffusionPipeline):
         # 1. validate everything before any model call
         schedule = resolve_guidance(guidance, guidance_scale, 4.0, "guidance_scale")
         steerers = resolve_steering(steering, reference)
+        check_num_inference_steps(num_inference_steps, sigmas)
         if callback_on_step_end is not None and hasattr(callback_on_step_end, "tensor_inputs"):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)

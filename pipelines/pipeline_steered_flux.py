@@ -31,6 +31,7 @@ from diffusers.utils import logging
 
 from steersample.pipelines._common import (
     check_latents,
+    check_num_inference_steps,
     check_reference,
     finish,
     per_run_scheduler,
@@ -125,6 +126,7 @@ class SteeredFluxPipeline(FluxPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
         )
+        check_num_inference_steps(num_inference_steps, sigmas)
         if prompt is not None:
             batch_size = 1 if isinstance(prompt, str) else len(prompt)
         else:
@@ -175,9 +177,11 @@ class SteeredFluxPipeline(FluxPipeline):
             negative_prompt = ""
         if need_uncond and prompt_embeds is not None and negative_prompt_embeds is not None:
             if prompt_embeds.shape != negative_prompt_embeds.shape:
-                raise ValueError(
-                    f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
-                    f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
+                raise ValueError(  # stock FluxPipeline's message (diffusers' tests match it)
+                    "`prompt_embeds` and `negative_prompt_embeds` must have the same shape when "
+                    f"passed directly, but got: `prompt_embeds` {tuple(prompt_embeds.shape)} != "
+                    f"`negative_prompt_embeds` {tuple(negative_prompt_embeds.shape)}; pass "
+                    "embeddings of the same sequence length (the same max_sequence_length)"
                 )
 
         # 3. prompt embeddings (negative ones only if some step needs the unconditional pass)

@@ -21,10 +21,12 @@ from typing import Any, Callable, ClassVar
 import torch
 from diffusers import StableDiffusion3Pipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 from steersample.pipelines._common import (
     check_latents,
+    check_num_inference_steps,
     check_reference,
     finish,
     per_run_scheduler,
@@ -61,15 +63,16 @@ class _SkipLayerGuidance:
         if state.pred_uncond is None or not (n * self.start < state.step < n * self.stop):
             return SteeringOutput(state.pred, {"model_evals": 0})
         cond = state.conditioning.cond
-        v_skip = self.transformer(
-            hidden_states=state.latents,
-            timestep=state.timestep.expand(state.latents.shape[0]),
-            encoder_hidden_states=cond["encoder_hidden_states"],
-            pooled_projections=cond["pooled_projections"],
-            joint_attention_kwargs=cond["joint_attention_kwargs"],
-            return_dict=False,
-            skip_layers=self.layers,
-        )[0]
+        with CacheMixin.cache_context(self.transformer, "skip_layers"):  # own cache-hook state
+            v_skip = self.transformer(
+                hidden_states=state.latents,
+                timestep=state.timestep.expand(state.latents.shape[0]),
+                encoder_hidden_states=cond["encoder_hidden_states"],
+                pooled_projections=cond["pooled_projections"],
+                joint_attention_kwargs=cond["joint_attention_kwargs"],
+                return_dict=False,
+                skip_layers=self.layers,
+            )[0]
         return SteeringOutput(
             state.pred + (state.pred_cond - v_skip) * self.scale, {"model_evals": 1}
         )
@@ -94,15 +97,26 @@ class SteeredStableDiffusion3Pipeline(StableDiffusion3Pipeline):
     have no effect here: use a ``GuidanceSchedule`` window instead.
     """
 
+    @property
+    def current_timestep(self):
+        """The timestep of the step being run (None outside a call), as ``FluxPipeline`` has it:
+        diffusers' cache hooks read it (``current_timestep_callback=lambda: pipe.current_timestep``)."""
+        return getattr(self, "_current_timestep", None)
+
     def _model_fn(self, x: torch.Tensor, t: torch.Tensor, cond: dict, branch: str) -> torch.Tensor:
-        return self.transformer(
-            hidden_states=x,
-            timestep=t.expand(x.shape[0]),
-            encoder_hidden_states=cond["encoder_hidden_states"],
-            pooled_projections=cond["pooled_projections"],
-            joint_attention_kwargs=cond["joint_attention_kwargs"],
-            return_dict=False,
-        )[0]
+        # a cache context per pass, as diffusers' CFG pipelines name them ("cond", "uncond", and
+        # "cond_uncond" for the batched pass), so stateful cache hooks (FirstBlockCache,
+        # TaylorSeer, MagCache, ...) work; SD3Transformer2DModel has no CacheMixin of its own
+        name = "cond_uncond" if branch == "both" else branch
+        with CacheMixin.cache_context(self.transformer, name):
+            return self.transformer(
+                hidden_states=x,
+                timestep=t.expand(x.shape[0]),
+                encoder_hidden_states=cond["encoder_hidden_states"],
+                pooled_projections=cond["pooled_projections"],
+                joint_attention_kwargs=cond["joint_attention_kwargs"],
+                return_dict=False,
+            )[0]
 
     @torch.no_grad()
     def __call__(
@@ -166,6 +180,7 @@ class SteeredStableDiffusion3Pipeline(StableDiffusion3Pipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
         )
+        check_num_inference_steps(num_inference_steps, sigmas)
         if prompt is not None:
             batch_size = 1 if isinstance(prompt, str) else len(prompt)
         else:
@@ -178,6 +193,7 @@ class SteeredStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         device = self._execution_device
         self._joint_attention_kwargs = joint_attention_kwargs
         self._clip_skip = clip_skip
+        self._current_timestep = None
         self._interrupt = False
 
         # 2. sigma grid on a per-run scheduler copy (mu as the stock pipeline computes it)

@@ -79,7 +79,10 @@ def sample(
         reference: ``ReferenceSet`` in ``layout.shape`` (or None); feeds steerers and telemetry.
         layout: reference layout of the latents (default: identity, ``latents.shape[1:]``).
         pipeline: the calling pipeline: ``progress_bar``, ``interrupt`` and the first argument
-            of ``callback_on_step_end``. None runs without progress bar or interruption.
+            of ``callback_on_step_end``. None runs without progress bar or interruption. As in
+            diffusers' own loops, ``pipeline._current_timestep`` is ``t`` while step ``t`` runs
+            and None after the run (diffusers' cache hooks read it through
+            ``pipeline.current_timestep``); a step is skipped while ``pipeline.interrupt`` is True.
         callback_on_step_end: ``callback(pipeline, i, t, callback_kwargs) -> dict``, called after
             the scheduler step; a returned ``"latents"`` replaces the current latents, a returned
             name from ``conditioning.callback_keys`` replaces that conditional tensor.
@@ -107,6 +110,8 @@ def sample(
         for i, t in enumerate(timesteps):
             if pipeline is not None and getattr(pipeline, "interrupt", False):
                 continue
+            if pipeline is not None:
+                pipeline._current_timestep = t
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
 
             # 1. model: conditional pass, plus the unconditional one where guidance needs it
@@ -161,6 +166,8 @@ def sample(
                 i == num_steps - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0)
             ):
                 bar.update()
+    if pipeline is not None:
+        pipeline._current_timestep = None
 
     telemetry = recorder.finish(latents) if recorder is not None else None
     return SampleResult(latents=latents, telemetry=telemetry)
