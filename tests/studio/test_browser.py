@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("gradio")
-playwright = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("gradio", reason="the studio needs gradio: pip install -e '.[test]'")
+playwright = pytest.importorskip(
+    "playwright.sync_api", reason="needs the playwright Python package: pip install -e '.[test]'"
+)
 
 from _studio_fixtures import serve, tiny_model  # noqa: E402
 from steersample.studio.settings import steerer_names  # noqa: E402
@@ -31,7 +33,8 @@ CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(shutil.which(CHROMIUM) is None and not Path(CHROMIUM).exists(),
-                       reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)"),
+                       reason=f"no Chromium at {CHROMIUM}: install Debian's package with "
+                              "`apt-get update && apt-get install -y chromium` (README, tests)"),
 ]
 SAMPLES = 4
 TIMEOUT_MS = 120_000
