@@ -185,6 +185,8 @@ def test_two_process_compare_writes_the_same_report_and_sheet_as_one_process(tmp
     assert two.returncode == 0, two.stderr[-3000:]
     r1, r2 = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
     assert r1.pop("processes") == 1 and r2.pop("processes") == 2
+    assert "main process" in r2.pop("seconds_counts") and "main process" not in r1.pop("seconds_counts")
+    assert "main process" in (tmp_path / "two" / "report.md").read_text()   # says what seconds count
     for report in (r1, r2):   # wall clock: the only figures allowed to differ
         report.pop("seconds_total")
         for run in report["results"].values():

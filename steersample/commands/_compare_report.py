@@ -130,6 +130,8 @@ def render_markdown(summary: dict) -> str:
         lines.append(f"| {n} | {res[n]['model_evals_per_sample']} | {res[n]['model_evals']} | "
                      f"{res[n]['seconds']:.2f} |")
     lines += ["", f"Total time {summary['seconds_total']:.1f} s.", ""]
+    if summary.get("seconds_counts"):
+        lines[-1:-1] = [f"Seconds: {summary['seconds_counts']}.", ""]
     return "\n".join(lines)
 
 

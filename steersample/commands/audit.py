@@ -74,11 +74,11 @@ def run(args: argparse.Namespace) -> int:
 
     _validate(args)
     world = Distributed()   # several processes under `accelerate launch`, else this one
+    start = time.perf_counter()
+    info = load_default_info(args.model)   # a bad --model fails here, before --out is created
+    pipe, reference = load_default(args.model)
     if world.is_main:
         _check_writable(args.out)
-    start = time.perf_counter()
-    info = load_default_info(args.model)
-    pipe, reference = load_default(args.model)
     pipe.to(world.device)
     grid = (default_grid if args.grid == "default" else quick_grid)(args.guidance)
     units = len(grid) * (1 + args.timing_repeats)

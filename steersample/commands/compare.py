@@ -208,11 +208,11 @@ def run(args: argparse.Namespace) -> int:
 
     classes = _validate(args)
     world = Distributed()   # several processes under `accelerate launch`, else this one
+    t0 = time.perf_counter()
+    info = load_default_info(args.model)   # a bad --model fails here, before --out is created
+    pipe, reference = load_default(args.model)
     if world.is_main:
         _check_writable(args.out)
-    t0 = time.perf_counter()
-    info = load_default_info(args.model)
-    pipe, reference = load_default(args.model)
     pipe.to(world.device)
     held_x, held_y = held_out_digits(info)
 
@@ -244,6 +244,12 @@ def run(args: argparse.Namespace) -> int:
     summary = summarise(runs, info, classes, args, seconds=time.perf_counter() - t0,
                         reference=reference)
     summary["processes"] = world.world_size
+    summary["seconds_counts"] = (
+        "wall seconds on the main process: each run's sampling of the main process's share of "
+        f"the seeds (the {world.world_size} processes sample in parallel); seconds_total: the "
+        "main process's whole command" if world.world_size > 1 else
+        "wall seconds of each run's sampling; seconds_total: the whole command"
+    )
     sheet = render_sheet(runs, reference, classes, args.samples, args.sheet_samples, info)
     markdown = render_markdown(summary)
     # all three files exist in memory: only now replace anything on disk

@@ -97,6 +97,7 @@ def test_missing_and_corrupt_model_folders_are_explained(tmp_path, capsys):
     (bad / "transformer" / "config.json").write_text("{ not json")
     assert _compare(*SMALL, "--model", str(bad), "--out", str(tmp_path / "o")) == 2
     assert "could not be loaded" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()   # a bad --model leaves no empty --out folder behind
 
 
 def test_unwritable_output_folder_is_explained(tmp_path, capsys):
