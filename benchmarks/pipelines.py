@@ -10,7 +10,12 @@ that load from other processes hits every arm alike):
 2. savings of a CFG window: ``GuidanceSchedule(scale=w, window=(0.25, 0.75))`` (half the sigma
    range) versus full CFG on the same steered SD3 pipeline; target >= 20 % less wall time;
 3. model evaluations counted by a forward pre-hook on the transformer (a call on k*B rows counts
-   k, so SD3's batched CFG pass counts 2 and each Flux pass 1).
+   k, so SD3's batched CFG pass counts 2 and each Flux pass 1);
+4. a diffusers cache hook (PyramidAttentionBroadcast, FirstBlockCache) together with a CFG
+   window, against the stock Flux pipeline with the same hook (true CFG): the hook makes each
+   transformer call cheaper, the window makes fewer calls, so the savings multiply. Each hook
+   gets its own copy of the transformer (same seed, same weights), shared by its stock and
+   steered pipelines; the timestep callback reads whichever of the two is running.
 
 The models are random but wide enough that the transformer dominates the run time (the text
 encoders and the VAE are the tiny test ones). Run: ``python benchmarks/pipelines.py``.
@@ -84,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=16,
                         help="SD3 latent side = Flux packed-token side (Flux images are 2x larger)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--cache-runs", type=int, default=None,
+                        help="timed runs per arm of the cache-hook table (default: --runs)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,7 +173,52 @@ def main(argv: list[str] | None = None) -> int:
         minima = min(times[a]) / min(times[b])
         print(row([label, f"{median_of_ratios(a, b):.3f}", f"{ratio_of_medians(a, b):.3f}",
                    f"{minima:.3f}", target]))
+    print()
+    cache_table(args, flux_kw, flux, flux_call, w, half)
     return 0
+
+
+def cache_table(args, flux_kw, flux, flux_call, w: float, window: GuidanceSchedule) -> None:
+    """Table 4: a cache hook with and without a CFG window, against stock with the same hook."""
+    from diffusers.hooks import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+
+    def running(pipes):
+        return lambda: next((p.current_timestep for p in pipes if p.current_timestep is not None), None)
+
+    hooks = {
+        "PAB": lambda timestep: PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
+            spatial_attention_block_identifiers=["transformer_blocks", "single_transformer_blocks"],
+            current_timestep_callback=timestep),
+        "FirstBlockCache": lambda timestep: FirstBlockCacheConfig(threshold=0.8),
+    }
+    calls = {"flux stock, no hook": (flux, flux_call(flux, true_cfg_scale=w))}
+    for hook, config in hooks.items():
+        stock = tiny_flux_pipeline(width=args.width, num_layers=args.layers, head_dim=64)
+        steered = SteeredFluxPipeline.from_pipe(stock)
+        steered.set_progress_bar_config(disable=True)
+        stock.transformer.enable_cache(config(running([stock, steered])))
+        calls[f"flux stock + {hook}"] = (stock, flux_call(stock, true_cfg_scale=w))
+        calls[f"flux steered + {hook}, neutral"] = (steered, flux_call(steered, true_cfg_scale=w))
+        calls[f"flux steered + {hook} + window (0.25, 0.75]"] = (steered, flux_call(steered, guidance=window))
+    parity = {
+        hook: (calls[f"flux stock + {hook}"][1]() - calls[f"flux steered + {hook}, neutral"][1]()).abs().max().item()
+        for hook in hooks
+    }
+    runs = args.cache_runs or args.runs
+    times = interleaved({k: c for k, (_, c) in calls.items()}, runs)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    base = "flux stock, no hook"
+    print(f"## cache hook x CFG window (Flux, true CFG w={w:g}, {runs} timed runs per arm, interleaved)\n")
+    print("parity with the same hook (max abs diff, latents): "
+          + ", ".join(f"{h} {d:.2e}" for h, d in parity.items()) + "\n")
+    print(row(["arm", "model evals (hook)", "median s", "vs stock no hook", "vs stock + same hook"]))
+    print(row(["---"] * 5))
+    for name, (pipe, call) in calls.items():
+        hook = next((h for h in hooks if f"+ {h}" in name), None)
+        same = f"flux stock + {hook}" if hook else base
+        print(row([name, evals(pipe, call, args.batch), f"{medians[name]:.3f}",
+                   f"{medians[name] / medians[base]:.3f}", f"{medians[name] / medians[same]:.3f}"]))
 
 
 if __name__ == "__main__":
