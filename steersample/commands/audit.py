@@ -29,7 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from steersample.commands.compare import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     parser.add_argument("--model", type=Path, default=None, metavar="FOLDER",
-                        help="a folder written by scripts/train_default.py (default: embedded)")
+                        help="a folder written by scripts/train_default.py (default: embedded), or "
+                             "an SD3/Flux pipeline folder with --reference and --prompts ('prompt': "
+                             "the embedded prompt testbed)")
+    parser.add_argument("--reference", type=Path, default=None, metavar="STORE",
+                        help="prompt models: the training latents (store folder or .safetensors)")
+    parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                        help="prompt models: one prompt a line, optionally 'prompt<TAB>group' "
+                             "(group 'rare' gets --rare-samples, others --frequent-samples)")
+    parser.add_argument("--heldout", type=Path, default=None, metavar="STORE",
+                        help="prompt models: held-out real latents (store folder or .safetensors)")
     parser.add_argument("--grid", choices=["default", "quick"], default="default",
                         help="quick: plain, the Jain presets and AttractorRepulsion only")
     parser.add_argument("--rare-samples", type=int, default=128, help="samples per rare class")
@@ -72,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
 
     from steersample.distributed import Distributed
 
+    from steersample.commands._prompt_runs import uses_prompt_model
+
+    if uses_prompt_model(args):   # an SD3/Flux folder with a reference store
+        from steersample.commands._prompt_audit import run_audit as run_prompt_audit
+
+        return run_prompt_audit(args, _check_writable, _write_atomic)
     _validate(args)
     world = Distributed()   # several processes under `accelerate launch`, else this one
     start = time.perf_counter()

@@ -94,8 +94,17 @@ def _class_id(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None, metavar="FOLDER",
-                        help="a model folder written by scripts/train_default.py "
-                             "(default: the embedded default)%(default).0s")
+                        help="a model folder written by scripts/train_default.py, or an SD3/Flux "
+                             "pipeline folder with --reference and --prompts ('prompt': the "
+                             "embedded prompt testbed) (default: the embedded default)%(default).0s")
+    parser.add_argument("--reference", type=Path, default=None, metavar="STORE",
+                        help="prompt models: the training latents (a store folder from `steersample "
+                             "index build` or a ReferenceSet .safetensors file)%(default).0s")
+    parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                        help="prompt models: one prompt a line, optionally 'prompt<TAB>group'%(default).0s")
+    parser.add_argument("--heldout", type=Path, default=None, metavar="STORE",
+                        help="prompt models: held-out real latents for Z_U and precision/recall "
+                             "(store folder or .safetensors)%(default).0s")
     parser.add_argument("--classes", type=_class_id, nargs="+", default=None, metavar="C",
                         help="digit classes to sample (default: all, 0-9)%(default).0s")
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
@@ -206,6 +215,12 @@ def run(args: argparse.Namespace) -> int:
     from steersample.distributed import Distributed
     from steersample.evaluation.judge import judge
 
+    from steersample.commands._prompt_runs import uses_prompt_model
+
+    if uses_prompt_model(args):   # an SD3/Flux folder with a reference store
+        from steersample.commands._prompt_compare import run_compare
+
+        return run_compare(args, settings, _check_writable, _write_atomic)
     classes = _validate(args)
     world = Distributed()   # several processes under `accelerate launch`, else this one
     t0 = time.perf_counter()
