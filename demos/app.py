@@ -44,7 +44,7 @@ CSS = """
 #results-gallery .preview .caption { white-space: normal; overflow: visible;
                                      text-overflow: clip; max-width: 100%; }
 .stale-results { opacity: 0.5; transition: opacity 0.2s; }
-#message:not(:empty) { border-left: 4px solid #d62728; padding: 6px 10px;
+#message:has(p) { border-left: 4px solid #d62728; padding: 6px 10px;
                        background: rgba(214, 39, 40, 0.08); border-radius: 4px; }
 #run-info.stale { border-left: 4px solid #ff7f0e; padding-left: 10px; }
 button.active-preset { outline: 3px solid var(--color-accent); outline-offset: 1px; }

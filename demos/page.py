@@ -41,11 +41,11 @@ HOW_TO_READ = """
 (framed green when **novel**, red when a **COPY**, orange when **off-class**: the judge reads
 another class, so it is no new instance of its own) beside its nearest training image;
 *ratio* is d(NN1)/d(NN2) against the training set (near 0: sits on one training image);
-*judge reads* is what an independent classifier sees in the sample; *distance × held-out* is
-its distance to the training set over that of a typical real image the model never saw (1: as
-far as unseen real data, near 0: a copy). The plot shows how sharply the empirical oracle's
-posterior points at a single training image as noise falls: the black curve for noised
-training images (it crosses 0.5 at the phase boundary **σ\\***, red), the dots for these
+*judge reads* is what an independent classifier sees in the sample;
+*dist* is its distance to the training set over that of a typical real image the model never
+saw (held-out: 1, as far as unseen real data; near 0: a copy). The plot shows how sharply
+the empirical oracle's posterior points at a single training image as noise falls: the black
+curve for noised training images (it crosses 0.5 at the phase boundary **σ\\***, red), the dots for these
 samples. Above σ\\* sampling *navigates*, below it *refines*. The steered side applies the
 guidance scale w inside the shaded window and the outer scales outside it.
 """
@@ -182,7 +182,7 @@ def build_page(served: Mapping[str, StudioModel]) -> gr.Blocks:
                                      info="−1: a new random seed each run; Enter runs",
                                      minimum=RANDOM_SEED, maximum=LIMITS["seed"].maximum,
                                      min_width=160, elem_id="seed", scale=3)
-                    dice = gr.Button("🎲 Random seed", size="sm", min_width=80, scale=1,
+                    dice = gr.Button("Random seed", size="sm", min_width=80, scale=1,
                                      elem_id="random-seed")
                 with gr.Row():
                     num_samples = _slider("num_samples", elem_id="num-samples", min_width=200)
@@ -230,8 +230,10 @@ def build_page(served: Mapping[str, StudioModel]) -> gr.Blocks:
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 message = gr.Markdown(elem_id="message")
                 run_info = gr.Markdown(elem_id="run-info")
-                gallery = gr.Gallery(label="Each row one seed: plain (left) | steered (right)",
-                                     elem_id="results-gallery", columns=2, format="png",
+                gr.Markdown("Each row is one seed: **plain** left, **steered** right. Click a "
+                            "tile to enlarge it.", elem_id="results-legend")
+                gallery = gr.Gallery(label="Results: plain and steered tile of each seed",
+                                     show_label=False, elem_id="results-gallery", columns=2, format="png",
                                      object_fit="contain", height="auto", preview=False,
                                      interactive=False, buttons=["download", "fullscreen"])
                 with gr.Row(equal_height=True):
@@ -243,7 +245,7 @@ def build_page(served: Mapping[str, StudioModel]) -> gr.Blocks:
                                                       elem_id="download-report")
                     sheet_button = gr.DownloadButton("Download PNG sheet", interactive=False,
                                                      elem_id="download-sheet")
-                gr.Markdown("Downloads become available after the first run.",
+                gr.Markdown("Downloads hold the results on screen (available after the first run).",
                             elem_id="downloads-note")
                 gr.Markdown(HOW_TO_READ)
 

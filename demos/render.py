@@ -103,7 +103,12 @@ def sample_tile(sample: np.ndarray, nearest: np.ndarray | None, seed: int,
         draw.rectangle((x - u, top - u, x + right.width + u - 1, top + right.height + u - 1),
                        outline=_FRAME, width=u)
         label = "nearest" if nearest_index is None else f"nearest #{nearest_index}"
-        draw.text((x, pad - 2 * u), label, fill=(110, 110, 110), font=small)
+        title_end = pad + draw.textlength(f"{side} · seed {seed}" if side else f"seed {seed}",
+                                          font=small) + 6 * u
+        if x + draw.textlength(label, font=small) > w - pad // 2 or x < title_end:
+            label = label.replace("nearest ", "")  # "#612": the side and seed come first
+        x_label = max(x, w - pad // 2 - draw.textlength(label, font=small))
+        draw.text((x_label, pad - 2 * u), label, fill=(110, 110, 110), font=small)
     y = top + left.height + 8 * u
     if ratio is not None and badge is not None:
         font = _font(15 * u)
@@ -117,7 +122,8 @@ def sample_tile(sample: np.ndarray, nearest: np.ndarray | None, seed: int,
                   font=_font(14 * u))
         y += 30 * u
     for text in lines:
-        draw.text((pad - 3 * u, y), text, fill=_TEXT, font=small)
+        fill = OFF_CLASS_COLOUR if text.startswith("judge") and ", not " in text else _TEXT
+        draw.text((pad - 3 * u, y), text, fill=fill, font=small)
         y += line
     return tile
 
@@ -126,7 +132,7 @@ def _judge_text(judged: int | None, target: int | None) -> str | None:
     if judged is None:
         return None
     if target is None or judged == target:
-        return f"judge reads a {judged} ✓"
+        return f"judge reads a {judged}"
     return f"judge reads a {judged}, not {target}"
 
 
@@ -135,7 +141,7 @@ def _distance_text(relative: float | None) -> str | None:
         return None
     if not math.isfinite(relative):
         return "distance: no held-out data"
-    return f"distance {relative:.2f} × held-out"
+    return f"dist {relative:.2f} (held-out: 1)"
 
 
 def _caption(arm: Any, k: int, target: int | None) -> str:
@@ -147,10 +153,10 @@ def _caption(arm: Any, k: int, target: int | None) -> str:
         parts.append(f"{badge}, ratio {arm.ratios[k]:.2f}")
     judged = _judge_text(_at(arm.judge_labels, k), target)
     if judged:
-        parts.append(judged.replace(" ✓", ""))
+        parts.append(judged)
     relative = _at(arm.relative_distances, k)
     if relative is not None and math.isfinite(relative):
-        parts.append(f"distance to the training set {relative:.2f} × a held-out sample's")
+        parts.append(f"distance to the training set {relative:.2f} times a held-out sample's")
     if arm.nearest_indices is not None:
         parts.append(f"nearest training image #{arm.nearest_indices[k]}")
     return f"{arm.name} · seed {seed}" + (": " + ", ".join(parts) if parts else "")
@@ -313,7 +319,7 @@ def arm_summary(arm: Any, comparison: Any) -> str:
     distance = ""
     finite = [d for d in (arm.relative_distances or ()) if math.isfinite(d)]
     if finite:
-        distance = f" · median distance **{float(np.median(finite)):.2f}** × held-out"
+        distance = (f" · median distance **{float(np.median(finite)):.2f}** (held-out data: 1)")
     return (f"**{arm.name.capitalize()}**: {describe_arm(arm, comparison)}  \n"
             f"model evaluations: **{arm.model_evals}** in {steps} steps · "
             f"time: **{arm.seconds:.2f} s** · {copy_text}{judged}{distance}")

@@ -1,15 +1,16 @@
 """The studio in a real browser: headless Chromium from Debian, driven by Playwright.
 
-It loads the page, sets steps and samples, moves the strength slider with the keyboard, clicks
-Generate, waits for both galleries, checks they hold the requested number of images, checks
-the downloaded JSON report carries the moved strength, and saves a screenshot. Then it sends
-an impossible window and checks that the error is shown as a message while the galleries keep
-the last good results. Set
-``STEERSAMPLE_SCREENSHOT=docs/studio.png`` to write the README's screenshot.
+What a person sees: downloads disabled before a run; a run started from the seed box (Enter)
+and from the button, which reads "Running…" and is disabled while the run lasts (a second
+click is refused, visibly); at 1024 px each seed's plain and steered tile share a row; tiles,
+plot and reset buttons have readable names; moving a control marks the results stale; a refused
+request leaves the results on screen and its reason readable after the toast has gone; on a
+390 px phone the results come before the controls.
 
-Uses the embedded default model when its weights are present (the README picture), else the
-tiny test model. Needs ``/usr/bin/chromium`` (CI installs it with apt; nothing is downloaded)
-and the ``playwright`` Python package; skipped without them.
+Set ``STEERSAMPLE_SCREENSHOTS=docs`` to write the README's pictures (``studio.png`` at
+1400 px, ``studio-phone.png`` at 390 px). Uses the embedded default model when its weights are
+present (the README pictures), else the tiny test model. Needs ``/usr/bin/chromium`` (CI
+installs it with apt; nothing is downloaded) and the ``playwright`` Python package.
 """
 
 from __future__ import annotations
@@ -17,24 +18,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("gradio", reason="the studio needs gradio: pip install -e '.[test]'")
-playwright = pytest.importorskip(
-    "playwright.sync_api", reason="needs the playwright Python package: pip install -e '.[test]'"
-)
+pytest.importorskip("gradio")
+playwright = pytest.importorskip("playwright.sync_api")
 
 from _studio_fixtures import serve, tiny_model  # noqa: E402
+from steersample.studio import page as page_module  # noqa: E402
 from steersample.studio.settings import steerer_names  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(shutil.which(CHROMIUM) is None and not Path(CHROMIUM).exists(),
-                       reason=f"no Chromium at {CHROMIUM}: install Debian's package with "
-                              "`apt-get update && apt-get install -y chromium` (README, tests)"),
+                       reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)"),
 ]
 SAMPLES = 4
 TIMEOUT_MS = 120_000
@@ -57,20 +57,67 @@ def _set_number(page, elem_id: str, value) -> None:
     box.press("Enter")
 
 
-def test_studio_in_headless_chromium(tmp_path):
+def _tiles(page):
+    return page.locator("#results-gallery .thumbnail-item img")
+
+
+def _wait_for_tiles(page, seed: int) -> None:
+    page.wait_for_function(
+        "([n, seed]) => { const imgs = document.querySelectorAll("
+        "'#results-gallery .thumbnail-item img');"
+        " return imgs.length === n && imgs[0].alt.includes('seed ' + seed + ':'); }",
+        arg=[2 * SAMPLES, seed])
+    page.wait_for_function("() => !document.querySelector('#generate').disabled")
+
+
+def _shot(page, name: str, folder: Path) -> Path:
+    page.mouse.move(0, 0)  # no hover effects in the picture
+    path = folder / name
+    page.screenshot(path=str(path), full_page=True, type="png")
+    from PIL import Image  # keep the README's pictures small: 64 colours are plenty
+
+    with Image.open(path) as image:
+        small = image.convert("RGB").quantize(64)
+    small.save(path, optimize=True)
+    return path
+
+
+@pytest.fixture
+def gate(monkeypatch):
+    """Runs wait on this event while it is clear (set by default)."""
+    event = threading.Event()
+    event.set()
+    run = page_module.run_comparison
+
+    def gated(*args, **kwargs):
+        assert event.wait(TIMEOUT_MS / 1000)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(page_module, "run_comparison", gated)
+    return event
+
+
+def test_studio_in_headless_chromium(tmp_path, gate):
     demo, model = _studio()
-    screenshot = Path(os.environ.get("STEERSAMPLE_SCREENSHOT") or tmp_path / "studio.png")
-    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(os.environ.get("STEERSAMPLE_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
     with serve(demo) as url, playwright.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
             args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1000},
+            page = browser.new_page(viewport={"width": 1024, "height": 900},
                                     accept_downloads=True)
             page.set_default_timeout(TIMEOUT_MS)
-            page.goto(url, wait_until="networkidle")
+            page.goto(url, wait_until="load")
+            page.wait_for_selector("#generate")
             assert page.title() == "steersample studio"
+
+            # before any run: no results, downloads disabled and saying when they come
+            assert page.locator("#download-report").is_disabled()
+            assert page.locator("#download-sheet").is_disabled()
+            page.wait_for_function(
+                "() => document.querySelector('#run-info').innerText.includes('No results yet')")
 
             _set_number(page, "num-samples", SAMPLES)
             _set_number(page, "steps", 12)
@@ -80,9 +127,9 @@ def test_studio_in_headless_chromium(tmp_path):
                 page.get_by_role("option", name=steerer, exact=True).click()
                 page.wait_for_function(
                     "s => document.querySelector('#steering input').value === s", arg=steerer)
-
-            # move the strength slider: focus its range input and press arrow keys
             strength = page.locator("#strength input[type=range]")
+            page.wait_for_function("() => !document.querySelector('#strength input[type=range]')"
+                                   ".disabled")
             before = float(strength.input_value())
             strength.focus()
             for _ in range(4):
@@ -90,38 +137,95 @@ def test_studio_in_headless_chromium(tmp_path):
             moved = float(strength.input_value())
             assert moved > before
 
-            page.locator("#generate").click()
-            for gallery in ("#gallery-plain", "#gallery-steered"):
-                page.wait_for_function(
-                    "([sel, n]) => document.querySelectorAll(sel + ' img').length >= n",
-                    arg=[gallery, SAMPLES])
-            page.wait_for_selector("#phase-plot img")
-            assert page.locator("#gallery-plain img").count() == SAMPLES
-            assert page.locator("#gallery-steered img").count() == SAMPLES
-            assert "model evaluations" in page.locator("#stats-steered").inner_text()
+            # Enter in the seed box runs; while the run is held the button is visibly refused
+            gate.clear()
+            seed_box = page.locator("#seed input")
+            seed_box.fill("7")
+            seed_box.press("Enter")
+            page.wait_for_function("() => document.querySelector('#generate').disabled")
+            assert page.locator("#generate").inner_text() == "Running…"
+            page.locator("#generate").click(force=True)  # a second click: refused
+            gate.set()
+            _wait_for_tiles(page, 7)
+            assert page.locator("#generate").inner_text() == "Generate"
+            assert "seeds 7–10" in page.locator("#run-info").inner_text()
+
+            # at 1024 px the plain and steered tile of each seed share a row, plain left
+            tiles = _tiles(page)
+            assert tiles.count() == 2 * SAMPLES
+            for k in range(SAMPLES):
+                plain, steered = tiles.nth(2 * k), tiles.nth(2 * k + 1)
+                assert plain.get_attribute("alt").startswith(f"plain · seed {7 + k}:")
+                assert steered.get_attribute("alt").startswith(f"steered · seed {7 + k}:")
+                a, b = plain.bounding_box(), steered.bounding_box()
+                assert abs(a["y"] - b["y"]) < 1 and a["x"] + a["width"] <= b["x"]
+            if model.digits:
+                assert "judge reads a" in tiles.first.get_attribute("alt")
+            if model.heldout is not None:
+                assert "held-out" in tiles.first.get_attribute("alt")
+            # one page, no scroll box of its own, and no button that empties the results
+            gallery = page.locator("#results-gallery .grid-wrap")
+            assert gallery.evaluate("e => e.scrollHeight <= e.clientHeight + 1")
+            assert page.locator("#results-gallery button[aria-label='Clear']").count() == 0
+            alt = page.locator("#phase-plot img").get_attribute("alt")
+            assert alt.startswith("Phase plot: oracle top-1 weight against σ")
+            names = page.locator("button.reset-button").evaluate_all(
+                "bs => bs.map(b => b.getAttribute('aria-label'))")
+            assert len(names) == len(set(names)) and "Reset Steps to its starting value" in names
+            assert page.locator("#download-report").is_enabled()
 
             with page.expect_download() as download:
                 page.locator("#download-report").click()
+            assert download.value.suggested_filename.startswith("steersample-class")
             report = json.loads(Path(download.value.path()).read_text())
             assert report["request"]["strength"] == pytest.approx(moved)
-            assert report["request"]["steering"] == (steerer or "none")
-            assert report["request"]["num_samples"] == SAMPLES
+            assert report["request"]["seed"] == 7 and report["request"]["num_samples"] == SAMPLES
             assert report["model"] == model.name
 
-            page.mouse.move(0, 0)  # no hover effects in the picture
-            page.screenshot(path=str(screenshot), full_page=True)
+            # the enlarged tile's caption is whole: nothing cut at either end
+            tiles.first.click()
+            caption = page.locator("#results-gallery .preview .caption")
+            caption.wait_for()
+            assert caption.evaluate("e => e.scrollWidth <= e.clientWidth + 1")
+            assert caption.inner_text().startswith("plain · seed 7:")
+            page.keyboard.press("Escape")
 
-            # a bad request shows a readable message and leaves the last good results
-            shown = page.locator("#gallery-plain img").first.get_attribute("src")
+            page.set_viewport_size({"width": 1400, "height": 1000})
+            _shot(page, "studio.png", folder)
+
+            # on a phone the results come before the controls
+            page.set_viewport_size({"width": 390, "height": 844})
+            results = page.locator("#results-column").bounding_box()
+            controls = page.locator("#controls-column").bounding_box()
+            assert results["y"] + results["height"] <= controls["y"] + 1
+            _shot(page, "studio-phone.png", folder)
+            page.set_viewport_size({"width": 1024, "height": 900})
+
+            # moving a control marks the results on screen stale, naming the control
+            _set_number(page, "steps", 13)
+            page.wait_for_function(
+                "() => document.querySelector('#run-info').innerText.includes('Stale')")
+            assert "Steps 12 → 13" in page.locator("#run-info").inner_text()
+            _set_number(page, "steps", 12)
+            page.wait_for_function(
+                "() => !document.querySelector('#run-info').innerText.includes('Stale')")
+
+            # a refused request: results stay, the reason stays readable after the toast goes
+            shown = tiles.first.get_attribute("src")
             page.locator("#window-relative input").uncheck()
             _set_number(page, "window-lo", 0.9)
             _set_number(page, "window-hi", 0.4)
             page.locator("#generate").click()
-            toast = page.get_by_text("must be below high σ")
-            toast.wait_for()
-            assert "Traceback" not in page.content()
-            assert page.locator("#gallery-plain img").count() == SAMPLES
-            assert page.locator("#gallery-plain img").first.get_attribute("src") == shown
+            message = page.locator("#message")
+            page.wait_for_function(
+                "() => document.querySelector('#message').innerText.includes('must be below')")
+            page.locator("[data-testid='toast-body']").first.wait_for(state="detached")
+            assert "low σ (0.9) must be below high σ (0.4)" in message.inner_text()
+            assert message.is_visible() and "Traceback" not in page.content()
+            assert tiles.count() == 2 * SAMPLES and tiles.first.get_attribute("src") == shown
+            assert tiles.first.is_visible()
+            assert page.locator("#stats-steered").inner_text().strip()
+
         finally:
             browser.close()
-    assert screenshot.stat().st_size > 10_000
+    assert (folder / "studio.png").stat().st_size > 10_000

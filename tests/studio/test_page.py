@@ -146,7 +146,7 @@ def test_every_tile_says_what_the_judge_reads_and_its_distance_to_held_out(serve
     out = _generate(Client(server, verbose=False))
     for tile in out[0]:
         assert "judge reads a" in tile["caption"]
-        assert "× a held-out sample's" in tile["caption"]
+        assert "times a held-out sample's" in tile["caption"]
     data = json.load(open(out[4]))
     expected = _comparison(model)
     for arm in ("plain", "steered"):
