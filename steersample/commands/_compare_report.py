@@ -124,11 +124,14 @@ def render_markdown(summary: dict) -> str:
         row += [f"**{_f(res[n][key], digits)}**" for n in names]
     lines += ["| " + " | ".join(row + ["" for _ in names]) + " |", ""]
     lines += _novelty_table(summary, names, per)
-    lines += ["| run | model evaluations per sample | model evaluations | seconds |",
-              "|---|---|---|---|"]
+    lines += ["| run | model evaluations per sample | model evaluations | seconds | FD (all) "
+              "| accuracy (all) | rare Z_U | rare precision |",
+              "|---|---|---|---|---|---|---|---|"]
     for n in names:
+        rare = res[n]["rare"] or {}
         lines.append(f"| {n} | {res[n]['model_evals_per_sample']} | {res[n]['model_evals']} | "
-                     f"{res[n]['seconds']:.2f} |")
+                     f"{res[n]['seconds']:.2f} | {_f(res[n]['fd'], 2)} | {_f(res[n]['accuracy'], 2)} | "
+                     f"{_f(rare.get('z_u'), 1)} | {_f(rare.get('precision'), 2)} |")
     lines += ["", f"Total time {summary['seconds_total']:.1f} s.", ""]
     if summary.get("seconds_counts"):
         lines[-1:-1] = [f"Seconds: {summary['seconds_counts']}.", ""]
