@@ -17,6 +17,8 @@ _EXPORTS: dict[str, str] = {
     "run_audit": "steersample.evaluation.audit",
     "select_best": "steersample.evaluation.audit",
     "targets": "steersample.evaluation.audit",
+    "meets_bands": "steersample.evaluation.audit",
+    "BANDS": "steersample.evaluation.audit",
     "BEST_STRENGTH": "steersample.evaluation.audit",
     "REFERENCE_FREE": "steersample.evaluation.audit",
     "DETECTOR_FRACTIONS": "steersample.evaluation.audit",
