@@ -253,22 +253,30 @@ class Comparison:
     model: StudioModel
 
 
-def _arm_pipeline(model: StudioModel, scheduler_options: dict[str, Any] | None):
+def _arm_pipeline(model: StudioModel, scheduler_options: dict[str, Any] | None, profile=None):
     """A shallow per-request pipeline: shared modules, own scheduler and call attributes."""
     components = dict(model.pipe.components)
     if scheduler_options is not None:
         from steersample.sampling.scheduler import PhaseAwareFlowMatchScheduler
 
-        components["scheduler"] = PhaseAwareFlowMatchScheduler.from_config(
-            model.pipe.scheduler.config, **scheduler_options)
+        config = model.pipe.scheduler.config
+        if scheduler_options.get("from_profile"):
+            if profile is None:
+                raise ValueError("the profile schedule needs the class's phase profile, which "
+                                 f"model {model.name!r} does not have (no training set); use the "
+                                 "shift schedule")
+            components["scheduler"] = PhaseAwareFlowMatchScheduler.from_profile(config, profile)
+        else:
+            components["scheduler"] = PhaseAwareFlowMatchScheduler.from_config(
+                config, **scheduler_options)
     pipe = type(model.pipe)(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def _run_arm(name: str, model: StudioModel, request: StudioRequest, guidance: Any,
-             steering: tuple, scheduler_options: dict | None) -> ArmResult:
-    pipe = _arm_pipeline(model, scheduler_options)
+             steering: tuple, scheduler_options: dict | None, profile=None) -> ArmResult:
+    pipe = _arm_pipeline(model, scheduler_options, profile)
     seeds = tuple(request.seed + k for k in range(request.num_samples))
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     common = dict(guidance=guidance, steering=list(steering), reference=model.reference,
@@ -322,7 +330,7 @@ def run_comparison(model: StudioModel, request: StudioRequest) -> Comparison:
         ValueError: the request needs σ* and the class has none (see ``settings.plan_runs``),
             or the pipeline rejects an argument.
     """
-    needs_boundary = request.window_relative or request.schedule == "phase-aware"
+    needs_boundary = request.window_relative or request.schedule in ("phase-aware", "profile")
     profile = model.profile(request.class_id) if model.reference is not None else None
     boundary = None if profile is None else float(profile.boundary_sigma)
     if needs_boundary and model.reference is None:
@@ -331,5 +339,5 @@ def run_comparison(model: StudioModel, request: StudioRequest) -> Comparison:
     plan = plan_runs(request, boundary)
     plain = _run_arm("plain", model, request, plan.plain_guidance, (), None)
     steered = _run_arm("steered", model, request, plan.steered_guidance, plan.steering,
-                       plan.steered_scheduler_options)
+                       plan.steered_scheduler_options, profile)
     return Comparison(request, plan, plain, steered, profile, model)

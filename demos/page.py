@@ -162,7 +162,8 @@ def build_page(served: Mapping[str, StudioModel]) -> gr.Blocks:
         gr.Markdown(
             "# steersample studio\n"
             "Same seeds, two samplers: **plain** (constant CFG, the model's schedule) against "
-            "**steered** (guidance window in σ, shift or phase-aware schedule, steering). Each "
+            "**steered** (guidance window in σ, shift, phase-aware or profile schedule, "
+            "steering). Each "
             "row of results is one seed, plain left and steered right.", elem_id="studio-header")
         last_run = gr.State(None)
         clicked_preset = gr.State("best steering")
@@ -213,10 +214,12 @@ def build_page(served: Mapping[str, StudioModel]) -> gr.Blocks:
                                               elem_id="scale-below")
                 with gr.Accordion("Schedule and steering (steered side)", open=True):
                     schedule = gr.Radio(list(SCHEDULES), value=best["schedule"],
-                                        label="Schedule",
-                                        info="phase-aware: a chosen share of the steps above σ*")
+                                        label="Schedule", elem_id="schedule",
+                                        info="phase-aware: a chosen share of the steps above σ*; "
+                                        "profile: steps dense where the class's top-1 weight "
+                                        "changes (from_profile)")
                     with gr.Row():
-                        shift = _slider("shift", value=first.shift)
+                        shift = _slider("shift", value=first.shift, elem_id="shift")
                         navigation_fraction = _slider("navigation_fraction",
                                                       visible=best["schedule"] == "phase-aware")
                     with gr.Row():
@@ -337,8 +340,14 @@ def build_page(served: Mapping[str, StudioModel]) -> gr.Blocks:
                          **private).then(**refresh)
         window_relative.change(_window_visibility, window_relative, [absolute_row, relative_row],
                                **private)
-        schedule.change(lambda s: gr.update(visible=s == "phase-aware"), schedule,
-                        navigation_fraction, **private)
+        def schedule_controls(name):
+            profile = name == "profile"
+            return (gr.update(visible=name == "phase-aware"),
+                    gr.update(interactive=not profile,
+                              info="no effect: the profile grid sets its own spacing" if profile
+                              else LIMITS["shift"].info))
+
+        schedule.change(schedule_controls, schedule, [navigation_fraction, shift], **private)
         model.change(lambda m: _model_controls(served[m]), model,
                      [class_id, prompt, model_info, shift], **private)
         dice.click(lambda n: random.randrange(0, LIMITS["seed"].maximum - int(n or 1) + 2),

@@ -291,7 +291,9 @@ def describe_arm(arm: Any, comparison: Any) -> str:
         parts.append(f"{g.scale_above:g} above")
     if g.scale_below != 1.0 and lo > 0.0:
         parts.append(f"{g.scale_below:g} below")
-    if request.schedule == "phase-aware":
+    if request.schedule == "profile":
+        parts.append("profile grid (steps dense where the class's top-1 weight changes)")
+    elif request.schedule == "phase-aware":
         star = plan.boundary_sigma
         at = f" = {star:.3f}" if star is not None else ""
         parts.append(f"phase-aware grid ({request.navigation_fraction:.0%} of steps above "

@@ -78,8 +78,10 @@ LIMITS: dict[str, Limit] = {
 RANDOM_SEED = -1
 """The seed value that asks for a fresh random seed (the request records the one drawn)."""
 
-SCHEDULES: tuple[str, ...] = ("shift", "phase-aware")
-"""Steered-side schedules: stock grid with a shift, or the phase-aware grid around σ*."""
+SCHEDULES: tuple[str, ...] = ("shift", "phase-aware", "profile")
+"""Steered-side schedules: stock grid with a shift, the phase-aware grid around σ*, or the
+phase-derived grid of ``PhaseAwareFlowMatchScheduler.from_profile`` (steps dense where the
+class's top-1 curve changes; it sets its own spacing, so the shift does not apply)."""
 
 # preset name -> control values it sets (controls it leaves out keep their value);
 # "best steering" is read from `steersample compare`, the one place that defines it
@@ -340,7 +342,8 @@ class RunPlan:
     Attributes:
         plain_guidance, steered_guidance: ``GuidanceSchedule`` of each arm.
         steered_scheduler_options: keyword arguments for
-            ``PhaseAwareFlowMatchScheduler.from_config(model_config, **options)``.
+            ``PhaseAwareFlowMatchScheduler.from_config(model_config, **options)``, or
+            ``{"from_profile": True}`` for ``from_profile(model_config, class profile)``.
         steering: steerer instances of the steered arm (empty for ``"none"``).
         window: ``(lo, hi)`` of the steered guidance window, absolute σ.
         boundary_sigma: σ* used (the class's phase boundary), or None if not needed/known.
@@ -389,6 +392,8 @@ def plan_runs(request: StudioRequest, boundary_sigma: float | None) -> RunPlan:
     steered_guidance = GuidanceSchedule(scale=w, window=(lo, hi), scale_above=request.scale_above,
                                         scale_below=request.scale_below)
     options: dict[str, Any] = {"shift": request.shift}
+    if request.schedule == "profile":
+        options = {"from_profile": True}
     if request.schedule == "phase-aware":
         options["phase_boundary"] = _check_boundary(boundary_sigma, "The phase-aware schedule")
         options["navigation_fraction"] = request.navigation_fraction

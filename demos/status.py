@@ -38,7 +38,8 @@ def applied_controls(request: Any, window: tuple[float, float],
     ``window`` is the steered arm's absolute window ``(lo, hi)`` (``RunPlan.window``): the scale
     above acts only when ``hi < 1``, the scale below only when ``lo > 0``. The absolute window
     values act only without "relative", the reaches only with it; the share of steps above σ*
-    only on the phase-aware schedule; the strength only with a steerer that takes one.
+    only on the phase-aware schedule; the shift not on the profile grid; the strength only with
+    a steerer that takes one.
     """
     from steersample.studio.settings import steerer_strength_parameter
 
@@ -60,7 +61,9 @@ def applied_controls(request: Any, window: tuple[float, float],
         out["scale_above"] = request.scale_above
     if lo > 0.0:
         out["scale_below"] = request.scale_below
-    out.update(schedule=request.schedule, shift=request.shift)
+    out["schedule"] = request.schedule
+    if request.schedule != "profile":  # the profile grid sets its own spacing
+        out["shift"] = request.shift
     if request.schedule == "phase-aware":
         out["navigation_fraction"] = request.navigation_fraction
     out["steering"] = request.steering

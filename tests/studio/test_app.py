@@ -172,7 +172,7 @@ def test_eight_simultaneous_requests_each_get_their_own_results(server, model):
     (dict(window_lo=0.9, window_hi=0.4), r"low σ \(0.9\) must be below high σ \(0.4\)"),
     (dict(window_relative="yes"), r"Relative to phase boundary: expected true or false"),
     (dict(steering="no-such-steerer"), r"Steering: unknown method 'no-such-steerer'"),
-    (dict(schedule="cosine"), r"Schedule: choose one of \['shift', 'phase-aware'\]"),
+    (dict(schedule="cosine"), r"Schedule: choose one of \['shift', 'phase-aware', 'profile'\]"),
 ])
 def test_bad_input_gives_a_readable_reason_and_the_app_keeps_serving(client, overrides, message):
     out = _generate(client, **overrides)

@@ -236,3 +236,18 @@ def test_sheet_and_report_work_without_held_out_data():
     assert "relative_distance" not in report["plain"]["samples"][0]
     assert sheet_png(result)[:4] == b"\x89PNG"
     assert np.isfinite(result.plain.ratios).all()
+
+
+def test_the_profile_schedule_uses_from_profile_and_drops_the_shift(server, model):
+    from steersample.sampling.scheduler import PhaseAwareFlowMatchScheduler
+
+    out = _generate(Client(server, verbose=False), schedule="profile", shift=3.0, steps=8)
+    data = json.load(open(out[4]))
+    assert data["steered"]["scheduler"] == {"from_profile": True}
+    assert "shift" not in data["request"] and data["request"]["schedule"] == "profile"
+    assert "profile grid" in out[2]
+    expected = PhaseAwareFlowMatchScheduler.from_profile(model.pipe.scheduler.config,
+                                                         model.profile(FAST_REQUEST["class_id"]))
+    expected.set_timesteps(8)
+    assert data["steered"]["telemetry"]["sigma"] == pytest.approx(expected.sigmas[:-1].tolist(),
+                                                                  abs=1e-6)
