@@ -136,6 +136,9 @@ def test_studio_in_headless_chromium(tmp_path, gate):
                 strength.press("ArrowRight")
             moved = float(strength.input_value())
             assert moved > before
+            page.wait_for_function(  # the page says the strength left the preset
+                "() => document.querySelector('#preset-info').innerText.includes('moved away')")
+            assert "Steering strength" in page.locator("#preset-info").inner_text()
 
             # Enter in the seed box runs; while the run is held the button is visibly refused
             gate.clear()
@@ -207,6 +210,26 @@ def test_studio_in_headless_chromium(tmp_path, gate):
                 "() => document.querySelector('#run-info').innerText.includes('Stale')")
             assert "Steps 12 → 13" in page.locator("#run-info").inner_text()
             _set_number(page, "steps", 12)
+            page.wait_for_function(
+                "() => !document.querySelector('#run-info').innerText.includes('Stale')")
+
+            # controls that cannot act are disabled, and the strength stops where the steerer does
+            def pick(name):
+                page.locator("#steering input").click()
+                page.get_by_role("option", name=name, exact=True).click()
+
+            pick("none")
+            page.wait_for_function("() => document.querySelector('#strength input[type=range]')"
+                                   ".disabled")
+            assert "choose a steering method" in page.locator("#strength").inner_text()
+            if "representation" in steerer_names():
+                pick("representation")
+                page.wait_for_function("() => document.querySelector("
+                                       "'#strength input[type=range]').max === '1'")
+            if steerer is not None:
+                pick(steerer)
+            page.locator("#strength input[type=number]").fill(str(moved))
+            page.locator("#strength input[type=number]").press("Enter")
             page.wait_for_function(
                 "() => !document.querySelector('#run-info').innerText.includes('Stale')")
 
