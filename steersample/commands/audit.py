@@ -150,7 +150,14 @@ def to_json(audit, best, checks, args, seconds) -> dict:
     return {"settings": {**audit.settings, "guidance": args.guidance, "grid": args.grid},
             "results": rows, "best": best.method.name,
             "targets": [{"target": t, "measured": m, "met": bool(ok)} for t, m, ok in checks],
-            "seconds_total": round(seconds, 1)}
+            "seconds_total": round(seconds, 1),
+            "seconds_counts": ("each method's seconds / cpu_seconds: the minimum over "
+                               f"{audit.settings.get('timing_repeats')} interleaved timing passes "
+                               "of one batch on the main process, without telemetry; "
+                               "seconds_total: the main process's whole command"
+                               + (f" ({audit.settings.get('processes')} processes sample the "
+                                  "judged seeds in parallel)"
+                                  if (audit.settings.get('processes') or 1) > 1 else ""))}
 
 
 def _f(x, digits=3):

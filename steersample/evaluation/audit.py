@@ -255,7 +255,7 @@ def run_audit(pipe, reference, info, grid: Sequence[Method], *, rare_samples: in
                     frequent_classes=frequent, rare_samples=rare_samples,
                     frequent_samples=frequent_samples, steps=steps, seed=seed,
                     timing_repeats=timing_repeats, timing_samples=timing_samples,
-                    torch_threads=torch.get_num_threads())
+                    torch_threads=torch.get_num_threads(), processes=world.world_size)
     return AuditResult(results, settings)
 
 

@@ -117,6 +117,10 @@ def test_audit_command_on_a_tiny_model(tiny_folder, tmp_path, capsys):
     assert set(plain["detection"]) == {"cond_deviation", "spikiness", "posterior"}
     assert len(plain["detection"]["spikiness"]["all"]) == 3
     assert summary["best"] in [r["method"] for r in summary["results"][1:]]
+    assert "interleaved timing passes" in summary["seconds_counts"]
+    assert summary["settings"]["processes"] == 1
+    for key in ("z_u", "z_u_min", "distance_ratio_min", "precision_min", "accuracy_min"):
+        assert key in plain["rare"]
     markdown = (out / "audit.md").read_text()
     assert "| plain |" in markdown and "## Targets" in markdown and "attractor-0.5" in markdown
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
