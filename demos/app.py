@@ -41,8 +41,11 @@ CSS = """
 #results-gallery .thumbnail-item .caption-label { display: none; }  /* the tile says it */
 #results-gallery .grid-wrap { max-height: none !important; height: auto !important;
                               overflow: visible !important; }  /* one page, no inner scroll */
-#results-gallery .preview .caption { white-space: normal; overflow: visible;
-                                     text-overflow: clip; max-width: 100%; }
+#results-gallery .preview .media-button { height: auto; flex: 1 1 0; min-height: 0; }
+#results-gallery .preview .caption { white-space: normal; overflow: visible; flex: none;
+                                     text-overflow: clip; max-width: 100%;
+                                     margin-bottom: calc(var(--size-14) + 4px); }
+                                     /* the enlarged tile's caption whole, above the strip */
 .stale-results { opacity: 0.5; transition: opacity 0.2s; }
 #message:has(p) { border-left: 4px solid #d62728; padding: 6px 10px;
                        background: rgba(214, 39, 40, 0.08); border-radius: 4px; }

@@ -190,6 +190,9 @@ def test_studio_in_headless_chromium(tmp_path, gate):
             caption = page.locator("#results-gallery .preview .caption")
             caption.wait_for()
             assert caption.evaluate("e => e.scrollWidth <= e.clientWidth + 1")
+            strip = page.locator("#results-gallery .preview .thumbnails").bounding_box()
+            box = caption.bounding_box()
+            assert box["y"] + box["height"] <= strip["y"] + 1  # not under the thumbnail strip
             assert caption.inner_text().startswith("plain · seed 7:")
             page.keyboard.press("Escape")
 
