@@ -26,7 +26,6 @@ and the line naming the settings of the results.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Sequence
 
 import gradio as gr
@@ -34,8 +33,6 @@ import gradio as gr
 from steersample.studio.engine import StudioModel, load_model_folder
 
 __all__ = ["build_app", "launch", "main", "default_models", "CSS", "JS"]
-
-log = logging.getLogger("steersample.studio")
 
 CSS = """
 #results-gallery .thumbnail-item .caption-label { display: none; }  /* the tile says it */

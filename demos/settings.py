@@ -3,7 +3,7 @@
 Pure Python (no gradio, no model): the Gradio layer builds its sliders from :data:`LIMITS`,
 sends the raw control values to :func:`parse_request`, and the engine turns the request into
 pipeline arguments with :func:`plan_runs`. Every error is a ``ValueError`` that names the
-control and says how to fix it; the app shows it as a ``gr.Error``.
+control and says how to fix it; the page shows it in its message line.
 
 The two arms of a comparison share seeds, steps, class and model:
 

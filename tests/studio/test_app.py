@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("gradio")
 pytest.importorskip("gradio_client")
