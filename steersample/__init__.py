@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "load_default": "steersample.default",
     "AttractorRepulsion": "steersample.steering.attractor",
     "RepresentationSteering": "steersample.steering.representation",
+    "NoveltySteering": "steersample.steering.novelty",
     "NoSteering": "steersample.sampling.protocol",
     "recommended_steering": "steersample.steering.recommended",
 }

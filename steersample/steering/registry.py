@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 from steersample.sampling.protocol import NoSteering, Steerer, SteeringOutput
 from steersample.steering.attractor import AttractorRepulsion
+from steersample.steering.novelty import NoveltySteering
 from steersample.steering.representation import RepresentationSteering
 
 __all__ = [
@@ -27,7 +28,7 @@ __all__ = [
 
 
 STEERERS: dict[str, type] = {
-    cls.name: cls for cls in (NoSteering, AttractorRepulsion, RepresentationSteering)
+    cls.name: cls for cls in (NoSteering, AttractorRepulsion, NoveltySteering, RepresentationSteering)
 }
 """Registry: steerer name -> class. The CLI and the studio list and build steerers from it."""
 

@@ -1,0 +1,116 @@
+"""NoveltySteering and its Gaussian class model: formulas against brute force, the distance
+floor, and end to end on the embedded default (frequent samples untouched, batch invariance)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import steersample as ss
+from steersample.steering.class_model import GaussianClassModel
+from steersample.steering.novelty import leave_one_out_distances, push_to_distance
+from steersample.steering.registry import STEERERS
+
+
+def _labelled(n=60, dim=5, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64) + 2.0 * labels[:, None].double()
+    return ss.ReferenceSet(x.float(), labels=labels)
+
+
+def test_class_posterior_matches_gaussians_with_noise_added():
+    ref = _labelled()
+    model = GaussianClassModel.fit(ref)
+    sigma = 0.4
+    tau2 = (sigma / (1 - sigma)) ** 2
+    cov = model.evecs @ torch.diag(model.evals) @ model.evecs.T + tau2 * torch.eye(5, dtype=torch.float64)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    logp = torch.stack([torch.distributions.MultivariateNormal(m, cov).log_prob(x / (1 - sigma))
+                        for m in model.means], dim=1) + model.log_prior
+    assert torch.allclose(model.log_posterior(x, sigma), torch.log_softmax(logp, 1), atol=1e-10)
+
+
+def test_velocity_guidance_is_minus_sigma_over_one_minus_sigma_times_the_gradient():
+    model = GaussianClassModel.fit(_labelled())
+    sigma, labels = 0.3, torch.tensor([0, 1, 2, 1])
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    logp = model.log_posterior(x, sigma)[torch.arange(4), labels].sum()
+    (grad,) = torch.autograd.grad(logp, x)
+    expect = -sigma / (1 - sigma) * grad
+    assert torch.allclose(model.velocity_guidance(x.detach(), sigma, labels), expect, atol=1e-10)
+
+
+def test_class_model_needs_labels():
+    with pytest.raises(ValueError, match="labelled reference set"):
+        GaussianClassModel.fit(ss.ReferenceSet(torch.randn(5, 3)))
+
+
+def test_leave_one_out_distances_against_brute_force():
+    ref = _labelled(n=30)
+    flat = ref.latents.double()
+    dist = torch.cdist(flat, flat) + torch.diag(torch.full((30,), math.inf, dtype=torch.float64))
+    assert torch.allclose(leave_one_out_distances(ref), dist.min(1).values, atol=1e-5)
+
+
+def test_push_reaches_the_target_inside_the_tangent_space():
+    g = torch.Generator().manual_seed(1)
+    x0, anchor = torch.randn(6, 8, generator=g, dtype=torch.float64), torch.zeros(6, 8, dtype=torch.float64)
+    basis = torch.linalg.qr(torch.randn(6, 8, 3, generator=g, dtype=torch.float64)).Q
+    start = x0.norm(dim=1)
+    target = torch.where(torch.arange(6) < 3, start * 2, start * 0.5)   # last three: already farther
+    out = push_to_distance(x0, anchor, basis, target)
+    assert torch.allclose(out[:3].norm(dim=1), target[:3], atol=1e-9)
+    assert torch.equal(out[3:], x0[3:])
+    moved = out[:3] - x0[:3]
+    in_span = (basis[:3] @ (basis[:3].transpose(1, 2) @ moved[..., None]))[..., 0]
+    assert torch.allclose(moved, in_span, atol=1e-9)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"sigma_nav": 1.5}, "sigma_nav"), ({"push_sigma": -0.1}, "push_sigma"),
+    ({"neighbours": 1}, "neighbours"), ({"target_scale": 0}, "target_scale"),
+    ({"classifier_scale": float("nan")}, "classifier_scale"), ({"iterations": 0}, "iterations"),
+])
+def test_bad_arguments_name_the_fix(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ss.NoveltySteering(**kwargs)
+
+
+def test_registered_and_needs_a_reference():
+    assert STEERERS["novelty"] is ss.NoveltySteering
+    pipe, _ = ss.load_default()
+    with pytest.raises(ValueError, match="needs a reference set"):
+        pipe(class_labels=[2], num_inference_steps=2, steering=["novelty"])
+
+
+def _run(pipe, ref, labels, seeds, steering, steps=12):
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(class_labels=labels, num_inference_steps=steps, guidance=4.0, generator=gens,
+                output_type="latent", steering=steering, reference=ref).images
+
+
+def test_scarce_samples_move_away_frequent_samples_stay_bit_for_bit():
+    pipe, ref = ss.load_default()
+    labels, seeds = [2, 4, 8, 3, 5], [11, 12, 13, 14, 15]
+    plain = _run(pipe, ref, labels, seeds, None)
+    steered = _run(pipe, ref, labels, seeds, [ss.NoveltySteering()])
+    assert torch.equal(steered[3:], plain[3:])
+    d = ss.metrics.nearest_training_distance
+    assert (d(steered[:3], ref) > d(plain[:3], ref)).all()
+
+
+def test_a_seed_gives_the_same_sample_in_any_batch():
+    pipe, ref = ss.load_default()
+    alone = _run(pipe, ref, [4], [21], [ss.NoveltySteering()])
+    batch = _run(pipe, ref, [2, 4, 6], [20, 21, 22], [ss.NoveltySteering()])
+    assert torch.allclose(alone[0], batch[1], atol=1e-5)
+
+
+def test_without_labels_it_changes_nothing():
+    pipe, ref = ss.load_default()
+    unlabelled = ss.ReferenceSet(ref.latents)
+    plain = _run(pipe, unlabelled, [2], [5], None)
+    assert torch.equal(_run(pipe, unlabelled, [2], [5], [ss.NoveltySteering()]), plain)
