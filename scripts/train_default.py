@@ -93,8 +93,8 @@ def build_model(args: argparse.Namespace):
 
     model = DiTTransformer2DModel(
         num_attention_heads=args.heads, attention_head_dim=args.head_dim, in_channels=1,
-        out_channels=1, num_layers=args.layers, sample_size=8, patch_size=args.patch_size,
-        num_embeds_ada_norm=10, norm_num_groups=1, dropout=0.0,
+        out_channels=1, num_layers=args.layers, sample_size=getattr(args, "sample_size", 8),
+        patch_size=args.patch_size, num_embeds_ada_norm=10, norm_num_groups=1, dropout=0.0,
     )
     # label dropout is done explicitly below, from our generator, identically for all blocks
     for module in model.modules():
@@ -107,9 +107,10 @@ def build_model(args: argparse.Namespace):
 def euler_sample(model, labels: torch.Tensor, steps: int, guidance: float,
                  generator: torch.Generator) -> torch.Tensor:
     """Plain Euler with CFG on sigmas linspace(1, 1/1000, steps) then 0 (the stock diffusers grid)."""
-    x = torch.randn((len(labels), 1, 8, 8), generator=generator)
+    size = model.config.sample_size
+    x = torch.randn((len(labels), 1, size, size), generator=generator)
     sigmas = torch.cat([torch.linspace(1.0, 1e-3, steps), torch.zeros(1)])
-    null = torch.full_like(labels, NULL_CLASS)
+    null = torch.full_like(labels, model.config.num_embeds_ada_norm)  # the null class
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         t = torch.full((2 * len(labels),), float(sigma) * 1000.0)
         v = model(hidden_states=torch.cat([x, x]), timestep=t,
@@ -152,11 +153,6 @@ def quick_eval(model, train_x, train_y, all_x, all_y, rare, args) -> dict:
 # ----------------------------------------------------------------------------- training
 def train(args: argparse.Namespace) -> dict:
     state = git_state()  # recorded at the start: other commits may land while training runs
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
-    torch.manual_seed(args.seed)  # model initialisation only; all later draws use `g`
-    g = torch.Generator().manual_seed(args.seed)
-
     from steersample.data import load_digits
 
     all_x, all_y = load_digits()
@@ -164,6 +160,28 @@ def train(args: argparse.Namespace) -> dict:
     train_idx, held_idx = imbalanced_split(all_y, rare, args.rare_count, args.frequent_count,
                                            args.seed)
     train_x, train_y = all_x[train_idx], all_y[train_idx]
+    print(f"train {len(train_idx)} images (rare {rare} x {args.rare_count}, frequent x "
+          f"{args.frequent_count}), held out {len(held_idx)}", flush=True)
+    model, result = fit(args, train_x, train_y, all_x, all_y, rare)
+    if args.out is not None:
+        save(model, args, train_idx, held_idx, train_x, train_y, rare, result, state)
+    return result
+
+
+def fit(args: argparse.Namespace, train_x: torch.Tensor, train_y: torch.Tensor,
+        all_x: torch.Tensor, all_y: torch.Tensor, rare: tuple[int, ...]):
+    """Train (all draws from ``args.seed``) and evaluate: ``(EMA model in eval mode, result)``.
+
+    ``train_x`` (N, 1, S, S) with ten classes, labels 0..9 (null class 10); ``all_x``/``all_y``
+    the judge's training data; ``args`` as ``parse_args`` gives, plus an optional
+    ``sample_size`` (S, default 8; ``scripts/train_letters.py`` uses 16). The global RNG is
+    touched only here, for the model initialisation.
+    """
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(args.seed)  # model initialisation only; all later draws use `g`
+    g = torch.Generator().manual_seed(args.seed)
+
     by_class = [torch.nonzero(train_y == c).flatten() for c in range(10)]
     class_sizes = torch.tensor([len(b) for b in by_class])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), class_sizes.cumsum(0)[:-1]])
@@ -175,9 +193,7 @@ def train(args: argparse.Namespace) -> dict:
     ema = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params:,} parameters; train {len(train_idx)} images "
-          f"(rare {rare} x {args.rare_count}, frequent x {args.frequent_count}), "
-          f"held out {len(held_idx)}", flush=True)
+    print(f"model: {n_params:,} parameters", flush=True)
 
     start, cpu_start = time.time(), time.process_time()
     running = 0.0
@@ -244,9 +260,7 @@ def train(args: argparse.Namespace) -> dict:
         for c, m in ev["per_class"].items():
             print(f"  class {c} {'rare' if c in rare else 'freq'}  copy {m['copy_rate']:.2f}  "
                   f"acc {m['accuracy']:.2f}")
-    if args.out is not None:
-        save(model, args, train_idx, held_idx, train_x, train_y, rare, result, state)
-    return result
+    return model, result
 
 
 def git_state() -> dict:

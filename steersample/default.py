@@ -13,6 +13,11 @@ each *frequent* class (it generalises). ``ref`` is its training set (latents = t
 ``(N, 1, 8, 8)`` in [-1, 1], labels); ``load_default_info()`` has the split, the rare and
 frequent classes, the training config and the commit it was trained from, and
 ``held_out_digits()`` the real digits it never saw (the quality reference).
+
+Named defaults: ``"digits"`` (the one above, ``None`` means it) and ``"letters"``
+(``assets/letters/``, 16x16 letters from matplotlib's fonts, trained by
+``scripts/train_letters.py`` on a split keyed on fonts): ``load_default("letters")``,
+``load_default_info("letters")``, ``held_out("letters")``.
 """
 
 from __future__ import annotations
@@ -24,10 +29,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_MODEL_DIR", "DefaultInfo", "held_out_digits", "load_default",
-           "load_default_info"]
+__all__ = ["DEFAULT_MODEL_DIR", "DEFAULT_MODELS", "DefaultInfo", "held_out", "held_out_digits",
+           "load_default", "load_default_info"]
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default"
+DEFAULT_MODELS: dict[str, Path] = {
+    "digits": DEFAULT_MODEL_DIR,
+    "letters": DEFAULT_MODEL_DIR.parent / "letters",
+}
+"""The embedded defaults by name; a name can stand wherever a model folder is accepted."""
 _REQUIRED = ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
              "scheduler/scheduler_config.json", "reference.safetensors", "metadata.json")
 _RETRAIN = "retrain it with `python scripts/train_default.py --out FOLDER` or pass a folder it wrote"
@@ -41,15 +51,34 @@ class DefaultInfo:
     rare_classes: tuple[int, ...]
     frequent_classes: tuple[int, ...]
     null_class: int
-    train_indices: tuple[int, ...]  # indices into steersample.data.load_digits()
+    train_indices: tuple[int, ...]  # into load_digits() (letters: metadata's "indices_into")
     held_out_indices: tuple[int, ...]
     training_config: dict
     git_commit: str
     command: str
 
 
-def _folder(path: str | os.PathLike | None) -> Path:
-    folder = DEFAULT_MODEL_DIR if path is None else Path(path)
+def _resolve(path: str | os.PathLike | None, name: str | None = None) -> Path:
+    """None -> the digits default; a name of ``DEFAULT_MODELS`` -> its folder; else a folder."""
+    if name is not None:
+        if path is not None:
+            raise ValueError(f"pass a model folder or a name, not both (got {path!r}, {name!r})")
+        if name not in DEFAULT_MODELS:
+            raise ValueError(f"unknown default model {name!r}; known names: "
+                             f"{', '.join(sorted(DEFAULT_MODELS))}")
+        return DEFAULT_MODELS[name]
+    if path is None:
+        return DEFAULT_MODEL_DIR
+    if isinstance(path, str) and path in DEFAULT_MODELS:
+        return DEFAULT_MODELS[path]
+    if isinstance(path, str) and "/" not in path and os.sep not in path and not Path(path).is_dir():
+        raise ValueError(f"unknown default model {path!r}; known names: "
+                         f"{', '.join(sorted(DEFAULT_MODELS))} (or pass a model folder)")
+    return Path(path)
+
+
+def _folder(path: str | os.PathLike | None, name: str | None = None) -> Path:
+    folder = _resolve(path, name)
     if not folder.is_dir():
         raise FileNotFoundError(
             f"model folder {str(folder)!r} does not exist; pass the folder that "
@@ -64,9 +93,11 @@ def _folder(path: str | os.PathLike | None) -> Path:
     return folder
 
 
-def load_default_info(path: str | os.PathLike | None = None) -> DefaultInfo:
-    """Read the metadata of the default model folder (``path``; None = the embedded one)."""
-    folder = _folder(path)
+def load_default_info(path: str | os.PathLike | None = None, *,
+                      name: str | None = None) -> DefaultInfo:
+    """Read the metadata of a default model: a name (``"digits"``, ``"letters"``; positional or
+    ``name=``), a folder, or None (the embedded digits model)."""
+    folder = _folder(path, name)
     try:
         meta = json.loads((folder / "metadata.json").read_text())
         return DefaultInfo(
@@ -97,19 +128,39 @@ def held_out_digits(info: DefaultInfo | None = None) -> tuple[torch.Tensor, torc
     return images[idx], labels[idx]
 
 
-def load_default(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+def held_out(path: str | os.PathLike | None = None, *,
+             name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out real images of a default model: ``(images (M, 1, H, W) in [-1, 1], labels)``.
+
+    ``path`` as for ``load_default``: ``"digits"`` (or None) gives ``held_out_digits()``,
+    ``"letters"`` the letters in fonts each letter was not trained on (``heldout.safetensors``).
+    """
+    folder = _folder(path, name)
+    if (folder / "heldout.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(folder / "heldout.safetensors"))
+        return tensors["images"], tensors["labels"]
+    return held_out_digits(load_default_info(folder))
+
+
+def load_default(path: str | os.PathLike | None = None, device: str | torch.device = "cpu", *,
+                 name: str | None = None):
     """Load the default model: ``(SteeredFlowPipeline, ReferenceSet)``, with no network access.
 
     Args:
-        path: a folder written by ``scripts/train_default.py``; None = the embedded default.
+        path: a name of ``DEFAULT_MODELS`` (``"digits"``, ``"letters"``), a folder written by
+            ``scripts/train_default.py`` or ``scripts/train_letters.py``, or None (digits).
         device: where the transformer and the reference latents go.
+        name: the same as a name in ``path`` (give one of the two); unknown names raise
+            ``ValueError`` listing the known ones.
     """
     from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     from steersample.pipelines import SteeredFlowPipeline
     from steersample.reference import ReferenceSet
 
-    folder = _folder(path)
+    folder = _folder(path, name)
     try:
         transformer = DiTTransformer2DModel.from_pretrained(
             folder / "transformer", local_files_only=True, use_safetensors=True)
