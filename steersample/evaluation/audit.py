@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from steersample.steering.attractor import AttractorRepulsion
+from steersample.steering.novelty import NoveltySteering
 from steersample.steering.detect import (ConditionalDeviation, PosteriorConcentration, SpikinessDetector,
                                 detection_curve, score_matrix)
 from steersample.sampling.guidance import GuidanceSchedule
@@ -61,7 +62,8 @@ def default_grid(w: float) -> tuple[Method, ...]:
     """Plain CFG ``w``; Jain et al.'s delayed and opposite presets; a CFG interval; CFG in
     navigation only (unconditional refinement for every sample); AttractorRepulsion at several
     strengths and triggers, with and without its per-sample navigation delay for scarce classes;
-    RepresentationSteering; combinations (15 grid points)."""
+    RepresentationSteering; NoveltySteering at its data-derived distance targets and at two
+    scaled-down targets (the distance / precision frontier); combinations (18 grid points)."""
     plain = GuidanceSchedule.constant(w)
     delayed = GuidanceSchedule.delayed(w, JAIN_DELAY_SIGMA)
     interval = GuidanceSchedule.interval(w, 0.4, 0.9)
@@ -85,6 +87,9 @@ def default_grid(w: float) -> tuple[Method, ...]:
                     (ar(s, 0.8 if s != 1.0 else 0.7, scarce=0),)) for s in (0.5, 1.0)]
     grid += [Method("representation-0.5", "representation", 0.5, plain,
                     (RepresentationSteering(strength=0.5),))]
+    grid += [Method("novelty", "novelty", 1.0, plain, (NoveltySteering(),))]
+    grid += [Method(f"novelty-target-{t:g}", "novelty", t, plain, (NoveltySteering(target_scale=t),))
+             for t in (0.92, 0.85)]
     grid += [
         Method("attractor-0.5+jain-delayed", "combination", 0.5, delayed, (ar(0.5),)),
         Method("attractor-0.5+representation-0.5", "combination", 0.5, plain,
@@ -94,8 +99,8 @@ def default_grid(w: float) -> tuple[Method, ...]:
 
 
 def quick_grid(w: float) -> tuple[Method, ...]:
-    """Plain, the two Jain presets and AttractorRepulsion at the best measured strength."""
-    keep = {"plain", "jain-delayed", "jain-opposite", f"attractor-{BEST_STRENGTH:g}"}
+    """Plain, the two Jain presets, AttractorRepulsion(0.5) and NoveltySteering()."""
+    keep = {"plain", "jain-delayed", "jain-opposite", f"attractor-{BEST_STRENGTH:g}", "novelty"}
     return tuple(m for m in default_grid(w) if m.name in keep)
 
 
@@ -300,32 +305,47 @@ def meets_bands(r: MethodResult, plain: MethodResult) -> bool:
             and _on_data(r) and _frequent_kept(r, plain))
 
 
+def _novel(r: MethodResult, plain: MethodResult) -> bool:
+    """Every rare class passes the data-copying and distance bands and stays legible (judge
+    accuracy); frequent classes kept."""
+    b = r.rare
+    return (b.z_u_min >= BANDS["z_u"] and b.distance_ratio_min >= BANDS["distance_ratio"]
+            and b.accuracy_min >= BANDS["accuracy"] and _frequent_kept(r, plain))
+
+
 def select_best(audit: AuditResult) -> MethodResult:
-    """The best steered setting, judged by held-out data (the novelty issue's rule).
+    """The best steered setting, judged by held-out data (the novelty issue's rule), in tiers:
 
-    Tiers, each ranked by the worst rare class's data-copying Z_U (higher is better: farther
-    from the training set, relative to unseen real data), ties by worst-class precision:
+    1. methods meeting every band (:func:`meets_bands`), highest worst-class Z_U first;
+    2. methods whose rare samples are not copies by the data-copying test (every rare class:
+       Z_U >= -3, distance ratio >= 0.8) and stay legible (accuracy >= 0.9), frequent classes
+       kept: highest worst-class precision first;
+    3. methods that stay on the data (accuracy >= 0.9, precision >= 0.8 in every rare class)
+       but still copy: highest worst-class Z_U first;
+    4. methods with every rare class's accuracy >= 0.9, then all: highest worst-class Z_U.
 
-    1. methods meeting every band (:func:`meets_bands`);
-    2. methods that stay on the data (every rare class: accuracy >= 0.9, precision >= 0.8) and
-       keep the frequent classes;
-    3. methods with every rare class's accuracy >= 0.9;
-    4. all steered methods.
-
-    Ranking by Z_U itself rather than by a pass/fail count keeps the choice the same if a
-    band's threshold moves.
+    Within a tier the ranking is by the measured figure itself, not a pass count, so the choice
+    holds if a band's threshold moves a little.
     """
     plain = _plain(audit)
     steered = [r for r in audit.results if r.method.name != "plain"]
     if not steered:
         raise ValueError("the grid has no steered method to choose from; add one besides 'plain'")
-    tiers = ([r for r in steered if meets_bands(r, plain)],
-             [r for r in steered if _on_data(r) and _frequent_kept(r, plain)],
-             [r for r in steered if r.rare.accuracy_min >= BANDS["accuracy"]],
-             steered)
-    for pool in tiers:
+
+    def by_z(r: MethodResult):
+        return (_finite(r.rare.z_u_min), _finite(r.rare.precision_min))
+
+    def by_precision(r: MethodResult):
+        return (_finite(r.rare.precision_min), _finite(r.rare.z_u_min))
+
+    tiers = ((by_z, [r for r in steered if meets_bands(r, plain)]),
+             (by_precision, [r for r in steered if _novel(r, plain)]),
+             (by_z, [r for r in steered if _on_data(r) and _frequent_kept(r, plain)]),
+             (by_z, [r for r in steered if r.rare.accuracy_min >= BANDS["accuracy"]]),
+             (by_z, steered))
+    for key, pool in tiers:
         if pool:
-            return max(pool, key=lambda r: (_finite(r.rare.z_u_min), _finite(r.rare.precision_min)))
+            return max(pool, key=key)
     raise AssertionError("unreachable: the last tier is every steered method")
 
 
