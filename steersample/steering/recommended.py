@@ -18,15 +18,21 @@ from typing import Any
 from steersample.reference.reference_set import ReferenceSet
 from steersample.sampling.guidance import GuidanceSchedule
 from steersample.steering.attractor import AttractorRepulsion
+from steersample.steering.novelty import NoveltySteering
 
 __all__ = ["recommended_steering", "recommended_for_scale", "RECOMMENDED_STRENGTH"]
 
-RECOMMENDED_STRENGTH = 0.5
+RECOMMENDED_STRENGTH = 0.5   # AttractorRepulsion's, for reference sets without class labels
 
 
 def recommended_steering(reference: ReferenceSet, scale: float = 4.0) -> dict[str, Any]:
     """Keyword arguments ``{"guidance": GuidanceSchedule, "steering": [steerers]}`` for a
     steered pipeline call at CFG ``scale`` against the training set ``reference``.
+
+    With class labels on the reference set: constant CFG plus :class:`NoveltySteering` (scarce
+    classes held at the distance unseen data has from the training set; the audit's best on
+    the embedded default by the data-copying test). Without labels (a prompt model's store):
+    constant CFG plus ``AttractorRepulsion(strength=0.5)`` (NoveltySteering needs classes).
 
     Raises:
         TypeError: ``reference`` is not a ReferenceSet (steering reads the training set).
@@ -37,12 +43,12 @@ def recommended_steering(reference: ReferenceSet, scale: float = 4.0) -> dict[st
                         f"{type(reference).__name__}; build one with ss.ReferenceSet(latents, labels)")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number (the CFG scale), got {scale!r}")
-    return recommended_for_scale(float(scale))
+    return recommended_for_scale(float(scale), labelled=reference.labels is not None)
 
 
-def recommended_for_scale(scale: float) -> dict[str, Any]:
-    """:func:`recommended_steering` without the reference check (the reference is passed to
-    the pipeline call, not held by the steerers); for callers that build settings before the
-    reference set is loaded."""
-    return {"guidance": GuidanceSchedule.constant(scale),
-            "steering": [AttractorRepulsion(strength=RECOMMENDED_STRENGTH)]}
+def recommended_for_scale(scale: float, labelled: bool = True) -> dict[str, Any]:
+    """:func:`recommended_steering` for a reference set with (``labelled``) or without class
+    labels, for callers that build settings before the reference set is loaded (the reference
+    is passed to the pipeline call, not held by the steerers)."""
+    steerer = NoveltySteering() if labelled else AttractorRepulsion(strength=RECOMMENDED_STRENGTH)
+    return {"guidance": GuidanceSchedule.constant(scale), "steering": [steerer]}

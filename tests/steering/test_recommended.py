@@ -40,3 +40,10 @@ def test_bad_scale_is_refused():
     ref = ss.ReferenceSet(torch.randn(4, 2))
     with pytest.raises(ValueError, match="finite number"):
         ss.recommended_steering(ref, scale=float("nan"))
+
+
+def test_labelled_sets_get_novelty_steering_unlabelled_ones_attractor_repulsion():
+    labelled = ss.ReferenceSet(torch.randn(8, 1, 4, 4), labels=torch.arange(8) % 2)
+    unlabelled = ss.ReferenceSet(torch.randn(8, 1, 4, 4))
+    assert isinstance(ss.recommended_steering(labelled)["steering"][0], ss.NoveltySteering)
+    assert isinstance(ss.recommended_steering(unlabelled)["steering"][0], ss.AttractorRepulsion)
