@@ -280,7 +280,7 @@ def git_state() -> dict:
 def save(model, args, train_idx, held_idx, train_x, train_y, rare, result, state) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from steersample.reference import ReferenceSet
+    from steersample.reference.reference_set import ReferenceSet
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

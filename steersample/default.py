@@ -158,7 +158,7 @@ def load_default(path: str | os.PathLike | None = None, device: str | torch.devi
     from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     from steersample.pipelines import SteeredFlowPipeline
-    from steersample.reference import ReferenceSet
+    from steersample.reference.reference_set import ReferenceSet
 
     folder = _folder(path, name)
     try:
