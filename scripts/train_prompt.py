@@ -279,6 +279,8 @@ def save(pipe, args, latents, labels, train_idx, held_idx, rare, result, state) 
                        "upscaled to 16x16, prompts 'a digit <name>', imbalanced split",
         "call": CALL, "prompts": list(PROMPTS), "groups": groups,
         "rare_classes": list(rare), "frequent_classes": [c for c in range(10) if c not in rare],
+        "null_class": len(PROMPTS),   # row of "" in the training embedding table (CFG)
+        "testbed": "prompt", "class_names": list(PROMPTS),
         "split": {"train_indices": train_idx.tolist(), "held_out_indices": held_idx.tolist()},
         "training_config": config,
         "command": "python scripts/train_prompt.py " + " ".join(sys.argv[1:]),

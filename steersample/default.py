@@ -17,7 +17,10 @@ frequent classes, the training config and the commit it was trained from, and
 Named defaults: ``"digits"`` (the one above, ``None`` means it) and ``"letters"``
 (``assets/letters/``, 16x16 letters from matplotlib's fonts, trained by
 ``scripts/train_letters.py`` on a split keyed on fonts): ``load_default("letters")``,
-``load_default_info("letters")``, ``held_out("letters")``.
+``load_default_info("letters")``, ``held_out("letters")``. ``"prompt"`` (``assets/prompt/``,
+``scripts/train_prompt.py``) is a text-to-image testbed: ``load_default("prompt")`` gives a
+``SteeredStableDiffusion3Pipeline`` (call it with ``max_sequence_length=0``) and the store of
+its training latents, ``held_out("prompt")`` the held-out digit latents and prompt ids.
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default"
 DEFAULT_MODELS: dict[str, Path] = {
     "digits": DEFAULT_MODEL_DIR,
     "letters": DEFAULT_MODEL_DIR.parent / "letters",
+    "prompt": DEFAULT_MODEL_DIR.parent / "prompt",
 }
 """The embedded defaults by name; a name can stand wherever a model folder is accepted."""
 _REQUIRED = ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
              "scheduler/scheduler_config.json", "reference.safetensors", "metadata.json")
 _RETRAIN = "retrain it with `python scripts/train_default.py --out FOLDER` or pass a folder it wrote"
+_PROMPT_REQUIRED = ("model_index.json", "transformer/config.json", "vae/config.json",
+                    "reference/manifest.json", "metadata.json")
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,8 @@ def _folder(path: str | os.PathLike | None, name: str | None = None) -> Path:
             f"scripts/train_default.py wrote (it holds transformer/, scheduler/, "
             f"reference.safetensors and metadata.json), or omit it for the embedded default"
         )
-    missing = [name for name in _REQUIRED if not (folder / name).is_file()]
+    required = _PROMPT_REQUIRED if (folder / "model_index.json").is_file() else _REQUIRED
+    missing = [name for name in required if not (folder / name).is_file()]
     if missing:
         raise ValueError(
             f"model folder {str(folder)!r} is incomplete: missing {', '.join(missing)}; {_RETRAIN}"
@@ -136,6 +143,11 @@ def held_out(path: str | os.PathLike | None = None, *,
     ``"letters"`` the letters in fonts each letter was not trained on (``heldout.safetensors``).
     """
     folder = _folder(path, name)
+    if (folder / "heldout" / "manifest.json").is_file():   # the prompt testbed: latents
+        from steersample.reference.sharded import ShardedReferenceSet
+
+        store = ShardedReferenceSet.open(folder / "heldout")
+        return store.latents.clone(), store.labels.clone()
     if (folder / "heldout.safetensors").is_file():
         from safetensors.torch import load_file
 
@@ -146,7 +158,8 @@ def held_out(path: str | os.PathLike | None = None, *,
 
 def load_default(path: str | os.PathLike | None = None, device: str | torch.device = "cpu", *,
                  name: str | None = None):
-    """Load the default model: ``(SteeredFlowPipeline, ReferenceSet)``, with no network access.
+    """Load the default model: ``(SteeredFlowPipeline, ReferenceSet)``, with no network access
+    (``"prompt"``: ``(SteeredStableDiffusion3Pipeline, ShardedReferenceSet)``, see the module).
 
     Args:
         path: a name of ``DEFAULT_MODELS`` (``"digits"``, ``"letters"``), a folder written by
@@ -161,6 +174,8 @@ def load_default(path: str | os.PathLike | None = None, device: str | torch.devi
     from steersample.reference.reference_set import ReferenceSet
 
     folder = _folder(path, name)
+    if (folder / "model_index.json").is_file():
+        return _load_prompt_model(folder, device)
     try:
         transformer = DiTTransformer2DModel.from_pretrained(
             folder / "transformer", local_files_only=True, use_safetensors=True)
@@ -176,3 +191,25 @@ def load_default(path: str | os.PathLike | None = None, device: str | torch.devi
     pipe = SteeredFlowPipeline(transformer=transformer, scheduler=scheduler).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, reference
+
+
+def _load_prompt_model(folder: Path, device: str | torch.device = "cpu"):
+    """The prompt testbed (``scripts/train_prompt.py``): ``(SteeredStableDiffusion3Pipeline,
+    ShardedReferenceSet)`` of its training latents ``(N, 4, 8, 8)``, labels = prompt ids
+    (``ref.manifest.metadata["prompts"]``). The model was trained without T5 tokens: call it
+    with ``max_sequence_length=0`` (metadata.json's ``"call"``)."""
+    from steersample.pipelines import SteeredStableDiffusion3Pipeline
+    from steersample.reference.sharded import ShardedReferenceSet
+
+    try:
+        pipe = SteeredStableDiffusion3Pipeline.from_pretrained(
+            folder, text_encoder_3=None, tokenizer_3=None, local_files_only=True)
+        reference = ShardedReferenceSet.open(folder / "reference")
+    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"prompt model folder {str(folder)!r} could not be loaded ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); retrain it with "
+            f"`python scripts/train_prompt.py --out FOLDER`"
+        ) from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), reference

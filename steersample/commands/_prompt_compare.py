@@ -1,7 +1,7 @@
 """`steersample compare` on a text-to-image folder with a reference store (see ``_prompt_runs``).
 
-Plain and steered samples of every prompt from the same seeds (the settings of
-``compare.settings``: constant CFG, and the same CFG plus AttractorRepulsion), judged in latent
+Plain and steered samples of every prompt from the same seeds (constant CFG, and the same CFG
+plus ``recommended_for_scale(..., labelled=False)``: AttractorRepulsion(0.5)), judged in latent
 space: ratio-test copy rate against the reference, Meehan et al.'s data-copying Z_U and the
 distance ratio against held-out data, precision/recall (k = 3) against held-out; cost as model
 evaluations and seconds. The digit judges (SVC accuracy, PCA Fréchet distance) have no meaning
@@ -20,7 +20,7 @@ import torch
 
 from steersample.commands._prompt_runs import PromptInputs, generate, judge_prompts, load_inputs, seeds_for
 
-__all__ = ["run_compare", "render_markdown", "render_sheet", "decode"]
+__all__ = ["prompt_settings", "run_compare", "render_markdown", "render_sheet", "decode"]
 
 LEFT_OUT = ["class accuracy (the digit SVC judge)", "Fréchet distance (the digits' PCA space)"]
 
@@ -38,8 +38,22 @@ def _validate(args) -> None:
         raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
 
 
-def run_compare(args, settings, check_writable, write_atomic) -> int:
-    """The prompt-model branch of ``compare.run`` (its helpers are passed in)."""
+def prompt_settings(guidance: float) -> tuple:
+    """(plain, steered) for a prompt model: constant CFG, and ``recommended_for_scale`` for an
+    unlabelled call (text prompts carry no class labels to the steerers): the same CFG plus
+    ``AttractorRepulsion(strength=0.5)``."""
+    from steersample.commands.compare import Setting
+    from steersample.sampling.guidance import GuidanceSchedule
+    from steersample.steering.recommended import recommended_for_scale
+
+    kw = recommended_for_scale(guidance, labelled=False)
+    return (Setting("plain", f"constant CFG {guidance:g}", GuidanceSchedule.constant(guidance)),
+            Setting("steered", f"constant CFG {guidance:g} + " + " + ".join(repr(s) for s in kw["steering"]),
+                    kw["guidance"], tuple(kw["steering"])))
+
+
+def run_compare(args, check_writable, write_atomic) -> int:
+    """The prompt-model branch of ``compare.run`` (its file helpers are passed in)."""
     from tqdm.auto import tqdm
 
     _validate(args)
@@ -52,7 +66,7 @@ def run_compare(args, settings, check_writable, write_atomic) -> int:
     batches = [range(s, min(s + args.batch_size, len(seeds))) for s in range(0, len(seeds), args.batch_size)]
     with tqdm(total=2 * args.steps * len(batches), desc="compare", unit="step",
               disable=args.no_progress) as bar:
-        for setting in settings(args.guidance):
+        for setting in prompt_settings(args.guidance):
             bar.set_postfix_str(setting.name)
             parts, evals, seconds = [], 0, 0.0
             for items in batches:

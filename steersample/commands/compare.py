@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     if uses_prompt_model(args):   # an SD3/Flux folder with a reference store
         from steersample.commands._prompt_compare import run_compare
 
-        return run_compare(args, settings, _check_writable, _write_atomic)
+        return run_compare(args, _check_writable, _write_atomic)
     classes = _validate(args)
     world = Distributed()   # several processes under `accelerate launch`, else this one
     t0 = time.perf_counter()
