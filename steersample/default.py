@@ -62,6 +62,8 @@ class DefaultInfo:
     training_config: dict
     git_commit: str
     command: str
+    testbed: str = "digits"  # which judge reads it: "digits" or "letters" (metadata's "letters")
+    class_names: tuple[str, ...] = ()  # label i is class_names[i] (digits: "0".."9")
 
 
 def _resolve(path: str | os.PathLike | None, name: str | None = None) -> Path:
@@ -75,6 +77,8 @@ def _resolve(path: str | os.PathLike | None, name: str | None = None) -> Path:
         return DEFAULT_MODELS[name]
     if path is None:
         return DEFAULT_MODEL_DIR
+    if isinstance(path, os.PathLike) and len(Path(path).parts) == 1 and not Path(path).is_dir():
+        path = os.fspath(path)   # a bare word from the command line (argparse's Path): a name
     if isinstance(path, str) and path in DEFAULT_MODELS:
         return DEFAULT_MODELS[path]
     if isinstance(path, str) and "/" not in path and os.sep not in path and not Path(path).is_dir():
@@ -117,12 +121,30 @@ def load_default_info(path: str | os.PathLike | None = None, *,
             training_config=dict(meta["training_config"]),
             git_commit=str(meta.get("git_commit", "unknown")),
             command=str(meta.get("command", "")),
+            testbed=_testbed(meta),
+            class_names=_class_names(meta),
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ValueError(
             f"model folder {str(folder)!r} has an unreadable metadata.json "
             f"({type(err).__name__}: {err}); {_RETRAIN}"
         ) from err
+
+
+def _testbed(meta: dict) -> str:
+    """metadata's "testbed", else "letters" when it lists letters, else "digits"."""
+    if "testbed" in meta:
+        return str(meta["testbed"])
+    return "letters" if "letters" in meta else "digits"
+
+
+def _class_names(meta: dict) -> tuple[str, ...]:
+    """Names of the class ids: metadata's "class_names" or "letters", else the ids themselves."""
+    names = meta.get("class_names", meta.get("letters"))
+    if names is not None:
+        return tuple(str(n) for n in names)
+    ids = [int(c) for c in (*meta["rare_classes"], *meta["frequent_classes"])]
+    return tuple(str(i) for i in range(max(ids) + 1)) if ids else ()
 
 
 def held_out_digits(info: DefaultInfo | None = None) -> tuple[torch.Tensor, torch.Tensor]:

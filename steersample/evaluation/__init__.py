@@ -1,7 +1,8 @@
 """Evaluation: how samples are judged.
 
-``metrics`` (ratio copy test, data-copying test, precision/recall), the independent digit
-judge (``judge``) and the audit of steering methods (``audit``). Built on everything below.
+``metrics`` (ratio copy test, data-copying test, precision/recall), the independent judge
+(``judge``: digits, letters; ``judge_for(info)``) and the audit of steering methods
+(``audit``). Built on everything below.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ _EXPORTS: dict[str, str] = {
     "frechet_distance": "steersample.evaluation.judge",
     "judge": "steersample.evaluation.judge",
     "judge_classifier": "steersample.evaluation.judge",
+    "Judge": "steersample.evaluation.judge",
+    "judge_for": "steersample.evaluation.judge",
+    "digits_judge": "steersample.evaluation.judge",
+    "letters_judge": "steersample.evaluation.judge",
     "COPY_THRESHOLD": "steersample.evaluation.metrics",
     "nn_ratio": "steersample.evaluation.metrics",
     "copy_rate": "steersample.evaluation.metrics",

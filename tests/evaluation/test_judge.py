@@ -126,3 +126,45 @@ def test_bad_input_is_explained():
         J.frechet_distance(torch.zeros(1, 1, 8, 8), torch.zeros(5, 1, 8, 8))
     with pytest.raises(ValueError, match="one label per sample"):
         J.class_accuracy(torch.zeros(3, 1, 8, 8), torch.zeros(2))
+
+
+# ----------------------------------------------------------------------------- per testbed
+def test_digits_judge_numbers_are_pinned(digits):
+    """The digits path gives the numbers it gave before judges became per testbed."""
+    images, labels, _, _ = digits
+    noisy = (images[:200] + 0.6 * torch.randn(200, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+             ).clamp(-1, 1)
+    assert J.class_accuracy(noisy, labels[:200]) == pytest.approx(0.96, abs=1e-12)
+    assert J.frechet_distance(images[labels == 3], images[labels == 8]) == pytest.approx(
+        12.010110156290448, rel=1e-9)
+    assert J.frechet_distance(noisy, images[200:400]) == pytest.approx(1.699767512520225, rel=1e-9)
+    d = J.judge_for(None)
+    assert d is J.digits_judge() is J.judge_for("digits")
+    assert d.classifier is J.judge_classifier()
+    assert d.frechet_distance(images[labels == 3], images[labels == 8]) == J.frechet_distance(
+        images[labels == 3], images[labels == 8])
+
+
+def test_letters_judge_reads_its_renders_and_the_held_out_fonts():
+    from steersample.default import held_out, load_default_info
+    from steersample.letters import LETTERS
+
+    info = load_default_info("letters")
+    assert info.testbed == "letters" and info.class_names == LETTERS
+    assert load_default_info().testbed == "digits"
+    L = J.judge_for(info)
+    assert L is J.letters_judge() and L.name == "letters" and L.side == (16, 16)
+    assert L.images.shape == (len(LETTERS) * 22 * 8, 256)
+    x, y = torch.as_tensor(L.images).float(), torch.as_tensor(L.labels)
+    assert L.class_accuracy(x, y) >= 0.99
+    hx, hy = held_out("letters")
+    assert L.class_accuracy(hx, hy) >= 0.99
+    assert L.features(hx[:5]).shape == (5, J.FEATURE_DIM)
+    same = L.frechet_distance(hx[hy == 1][0::2], hx[hy == 1][1::2])
+    assert same < L.frechet_distance(hx[hy == 1], hx[hy == 2])
+    with pytest.raises(ValueError, match="16x16 letters"):
+        L.classify(torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="8x8 digits"):
+        J.classify(hx[:2])
+    with pytest.raises(ValueError, match="no judge for testbed"):
+        J.judge_for("faces")
