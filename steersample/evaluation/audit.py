@@ -33,7 +33,8 @@ from steersample.sampling.guidance import GuidanceSchedule
 from steersample.steering.representation import RepresentationSteering
 
 __all__ = ["Method", "default_grid", "quick_grid", "MethodResult", "AuditResult", "run_audit",
-           "select_best", "targets", "meets_bands", "BANDS", "BEST_STRENGTH", "REFERENCE_FREE", "DETECTOR_FRACTIONS"]
+           "select_best", "targets", "meets_bands", "BANDS", "TESTBED_BANDS", "bands_for",
+           "BEST_STRENGTH", "REFERENCE_FREE", "DETECTOR_FRACTIONS"]
 
 REFERENCE_FREE = ("cond_deviation", "spikiness")
 DETECTOR_FRACTIONS = (0.1, 0.2, 0.5, 1.0)
@@ -149,9 +150,12 @@ class AuditResult:
     settings: dict
 
 
-def _group(samples, labels, classes, reference, held_x, held_y) -> GroupFigures:
-    from steersample.evaluation.judge import class_accuracy, copy_flags, diversity, frechet_distance
+def _group(samples, labels, classes, reference, held_x, held_y, judge=None) -> GroupFigures:
+    from steersample.evaluation.judge import copy_flags, digits_judge
     from steersample.evaluation.novelty import novelty_by_class
+
+    judge = judge or digits_judge()
+    class_accuracy, diversity, frechet_distance = judge.class_accuracy, judge.diversity, judge.frechet_distance
 
     mask = torch.isin(labels, torch.tensor(list(classes)))
     x, y = samples[mask], labels[mask]
@@ -198,7 +202,9 @@ def run_audit(pipe, reference, info, grid: Sequence[Method], *, rare_samples: in
     """Run every grid point on ``pipe`` (the default model) and judge it.
 
     Args:
-        pipe, reference, info: ``steersample.load_default(...)`` and ``load_default_info(...)``.
+        pipe, reference, info: ``steersample.load_default(...)`` and ``load_default_info(...)``;
+            the held-out images come from ``info``'s folder (``steersample.default.held_out``),
+            the judge from its metadata (``judge.judge_for(info)``: digits or letters).
         grid: the methods (e.g. :func:`default_grid`).
         rare_samples, frequent_samples: samples per rare / frequent class.
         steps: sampling steps.
@@ -213,9 +219,12 @@ def run_audit(pipe, reference, info, grid: Sequence[Method], *, rare_samples: in
             processes, so the merged results equal a one-process run.
     """
     from steersample.distributed import Distributed
-    from steersample.default import held_out_digits
+    from steersample.default import held_out
+    from steersample.evaluation.judge import judge_for
 
-    held_x, held_y = held_out_digits(info)
+    held_x, held_y = held_out(info.path)
+    judge = judge_for(info)
+    testbed = getattr(info, "testbed", "digits")
     rare, frequent = list(info.rare_classes), list(info.frequent_classes)
     labels = torch.cat([torch.tensor(rare).repeat_interleave(rare_samples),
                         torch.tensor(frequent).repeat_interleave(frequent_samples)])
@@ -246,8 +255,8 @@ def run_audit(pipe, reference, info, grid: Sequence[Method], *, rare_samples: in
                                    "rare": detection_curve(scores[:, is_rare], copy[is_rare])}
         measured.append(dict(
             method=method,
-            rare=_group(x, labels, rare, reference, held_x, held_y),
-            frequent=_group(x, labels, frequent, reference, held_x, held_y),
+            rare=_group(x, labels, rare, reference, held_x, held_y, judge),
+            frequent=_group(x, labels, frequent, reference, held_x, held_y, judge),
             model_evals=float(merged["evals"].max()),
             detection=detection, samples=x,
         ))
@@ -260,7 +269,8 @@ def run_audit(pipe, reference, info, grid: Sequence[Method], *, rare_samples: in
                     frequent_classes=frequent, rare_samples=rare_samples,
                     frequent_samples=frequent_samples, steps=steps, seed=seed,
                     timing_repeats=timing_repeats, timing_samples=timing_samples,
-                    torch_threads=torch.get_num_threads(), processes=world.world_size)
+                    torch_threads=torch.get_num_threads(), processes=world.world_size,
+                    testbed=testbed, bands=dict(bands_for(testbed)))
     return AuditResult(results, settings)
 
 
@@ -285,6 +295,26 @@ def _timing(pipe, grid, reference, rare, steps, seed, repeats, batch, tick) -> d
 # the novelty issue's bands (every rare class), judged against held-out data
 BANDS = {"z_u": -3.0, "z_u_stretch": -1.0, "distance_ratio": 0.8, "accuracy": 0.9,
          "precision": 0.8, "cost": 1.3}
+TESTBED_BANDS = {
+    "digits": BANDS,
+    # issue #15 part 4: the second testbed "with the same metrics and bands (accuracy >= 0.85,
+    # precision >= 0.7)"
+    "letters": {**BANDS, "accuracy": 0.85, "precision": 0.7},
+}
+"""The bands by testbed (``DefaultInfo.testbed``; the audit records it in its settings)."""
+
+
+def bands_for(testbed: str | None = None) -> dict:
+    """The bands of a testbed (None: digits); unknown testbeds raise ``ValueError``."""
+    if testbed is None:
+        return BANDS
+    if testbed not in TESTBED_BANDS:
+        raise ValueError(f"no bands for testbed {testbed!r}; known: {', '.join(TESTBED_BANDS)}")
+    return TESTBED_BANDS[testbed]
+
+
+def _audit_bands(audit: AuditResult) -> dict:
+    return bands_for(audit.settings.get("testbed"))
 
 
 def _frequent_kept(r: MethodResult, plain: MethodResult) -> bool:
@@ -294,23 +324,25 @@ def _frequent_kept(r: MethodResult, plain: MethodResult) -> bool:
             and not abs(f.z_u) > abs(p.z_u) + 1.0)
 
 
-def _on_data(r: MethodResult) -> bool:
-    return r.rare.accuracy_min >= BANDS["accuracy"] and r.rare.precision_min >= BANDS["precision"]
+def _on_data(r: MethodResult, bands: dict = BANDS) -> bool:
+    return r.rare.accuracy_min >= bands["accuracy"] and r.rare.precision_min >= bands["precision"]
 
 
-def meets_bands(r: MethodResult, plain: MethodResult) -> bool:
-    """Every rare class: Z_U >= -3, distance ratio >= 0.8, accuracy >= 0.9, precision >= 0.8;
-    frequent classes kept (:func:`_frequent_kept`)."""
-    return (r.rare.z_u_min >= BANDS["z_u"] and r.rare.distance_ratio_min >= BANDS["distance_ratio"]
-            and _on_data(r) and _frequent_kept(r, plain))
+def meets_bands(r: MethodResult, plain: MethodResult, bands: dict | None = None) -> bool:
+    """Every rare class: Z_U >= -3, distance ratio >= 0.8, accuracy >= 0.9, precision >= 0.8
+    (``bands``, default the digits' :data:`BANDS`; letters: accuracy >= 0.85, precision >= 0.7,
+    see :data:`TESTBED_BANDS`); frequent classes kept (:func:`_frequent_kept`)."""
+    bands = BANDS if bands is None else bands
+    return (r.rare.z_u_min >= bands["z_u"] and r.rare.distance_ratio_min >= bands["distance_ratio"]
+            and _on_data(r, bands) and _frequent_kept(r, plain))
 
 
-def _novel(r: MethodResult, plain: MethodResult) -> bool:
+def _novel(r: MethodResult, plain: MethodResult, bands: dict = BANDS) -> bool:
     """Every rare class passes the data-copying and distance bands and stays legible (judge
     accuracy); frequent classes kept."""
     b = r.rare
-    return (b.z_u_min >= BANDS["z_u"] and b.distance_ratio_min >= BANDS["distance_ratio"]
-            and b.accuracy_min >= BANDS["accuracy"] and _frequent_kept(r, plain))
+    return (b.z_u_min >= bands["z_u"] and b.distance_ratio_min >= bands["distance_ratio"]
+            and b.accuracy_min >= bands["accuracy"] and _frequent_kept(r, plain))
 
 
 def select_best(audit: AuditResult) -> MethodResult:
@@ -325,9 +357,11 @@ def select_best(audit: AuditResult) -> MethodResult:
     4. methods with every rare class's accuracy >= 0.9, then all: highest worst-class Z_U.
 
     Within a tier the ranking is by the measured figure itself, not a pass count, so the choice
-    holds if a band's threshold moves a little.
+    holds if a band's threshold moves a little. The thresholds are the testbed's
+    (:func:`bands_for` of ``audit.settings["testbed"]``; the figures above are the digits').
     """
     plain = _plain(audit)
+    bands = _audit_bands(audit)
     steered = [r for r in audit.results if r.method.name != "plain"]
     if not steered:
         raise ValueError("the grid has no steered method to choose from; add one besides 'plain'")
@@ -338,10 +372,10 @@ def select_best(audit: AuditResult) -> MethodResult:
     def by_precision(r: MethodResult):
         return (_finite(r.rare.precision_min), _finite(r.rare.z_u_min))
 
-    tiers = ((by_z, [r for r in steered if meets_bands(r, plain)]),
-             (by_precision, [r for r in steered if _novel(r, plain)]),
-             (by_z, [r for r in steered if _on_data(r) and _frequent_kept(r, plain)]),
-             (by_z, [r for r in steered if r.rare.accuracy_min >= BANDS["accuracy"]]),
+    tiers = ((by_z, [r for r in steered if meets_bands(r, plain, bands)]),
+             (by_precision, [r for r in steered if _novel(r, plain, bands)]),
+             (by_z, [r for r in steered if _on_data(r, bands) and _frequent_kept(r, plain)]),
+             (by_z, [r for r in steered if r.rare.accuracy_min >= bands["accuracy"]]),
              (by_z, steered))
     for key, pool in tiers:
         if pool:
@@ -370,22 +404,23 @@ def targets(audit: AuditResult, best: MethodResult | None = None) -> list[tuple[
     detector and cost targets of earlier issues)."""
     plain = _plain(audit)
     best = best or select_best(audit)
+    bands = _audit_bands(audit)
     b, fr, pf = best.rare, best.frequent, plain.frequent
     rows = [
         ("plain rare copy rate >= 0.7 (the testbed copies)", f"{plain.rare.copy_rate:.3f}",
          plain.rare.copy_rate >= 0.7),
         ("plain rare Z_U far below 0 (worst class <= -5)", f"{plain.rare.z_u_min:.2f}",
          plain.rare.z_u_min <= -5),
-        ("best rare Z_U >= -3 in every class", f"{b.z_u_min:.2f} (C_T {b.z_u:.2f})",
-         b.z_u_min >= BANDS["z_u"]),
-        ("stretch: best rare Z_U >= -1 in every class", f"{b.z_u_min:.2f}",
-         b.z_u_min >= BANDS["z_u_stretch"]),
-        ("best rare distance ratio >= 0.8 in every class", f"{b.distance_ratio_min:.3f}",
-         b.distance_ratio_min >= BANDS["distance_ratio"]),
-        ("best rare accuracy >= 0.9 in every class", f"{b.accuracy_min:.3f}",
-         b.accuracy_min >= BANDS["accuracy"]),
-        ("best rare precision >= 0.8 in every class", f"{b.precision_min:.3f}",
-         b.precision_min >= BANDS["precision"]),
+        (f"best rare Z_U >= {bands['z_u']:g} in every class", f"{b.z_u_min:.2f} (C_T {b.z_u:.2f})",
+         b.z_u_min >= bands["z_u"]),
+        (f"stretch: best rare Z_U >= {bands['z_u_stretch']:g} in every class", f"{b.z_u_min:.2f}",
+         b.z_u_min >= bands["z_u_stretch"]),
+        (f"best rare distance ratio >= {bands['distance_ratio']:g} in every class",
+         f"{b.distance_ratio_min:.3f}", b.distance_ratio_min >= bands["distance_ratio"]),
+        (f"best rare accuracy >= {bands['accuracy']:g} in every class", f"{b.accuracy_min:.3f}",
+         b.accuracy_min >= bands["accuracy"]),
+        (f"best rare precision >= {bands['precision']:g} in every class", f"{b.precision_min:.3f}",
+         b.precision_min >= bands["precision"]),
         ("best frequent FD within 2 % of plain", f"{fr.fd:.3f} vs {pf.fd:.3f}", fr.fd <= 1.02 * pf.fd),
         ("best frequent precision no worse than plain (-0.02)", f"{fr.precision:.3f} vs {pf.precision:.3f}",
          not fr.precision < pf.precision - 0.02),
@@ -393,9 +428,9 @@ def targets(audit: AuditResult, best: MethodResult | None = None) -> list[tuple[
          not abs(fr.z_u) > abs(pf.z_u) + 1.0),
     ]
     if best.seconds and plain.seconds:
-        rows.append(("best wall time <= 1.3x plain", f"{best.seconds / plain.seconds:.2f}x "
+        rows.append((f"best wall time <= {bands['cost']:g}x plain", f"{best.seconds / plain.seconds:.2f}x "
                      f"(CPU {best.cpu_seconds / plain.cpu_seconds:.2f}x)",
-                     best.seconds <= BANDS["cost"] * plain.seconds))
+                     best.seconds <= bands["cost"] * plain.seconds))
     aurocs = []
     for name in REFERENCE_FREE:
         point = _at_fraction(plain.detection.get(name, {}).get("all", ()), 0.2)
