@@ -25,8 +25,9 @@ _FAMILIES = ("plain", "jain-delayed", "jain-opposite", "cfg-interval", "attracto
 
 
 def prompt_grid(guidance: float, quick: bool):
-    """The digits grid's label-free methods (``evaluation.audit``), plus AttractorRepulsion with
-    Jain et al.'s delayed guidance (text prompts have no per-sample scarcity test)."""
+    """The digits grid's label-free methods (``evaluation.audit``), AttractorRepulsion at
+    strengths 1.5 and 2 (default grid), and AttractorRepulsion with Jain et al.'s delayed
+    guidance (text prompts have no per-sample scarcity test)."""
     from steersample.evaluation.audit import Method, default_grid, quick_grid
     from steersample.sampling.guidance import GuidanceSchedule
     from steersample.steering.attractor import AttractorRepulsion
@@ -34,6 +35,9 @@ def prompt_grid(guidance: float, quick: bool):
     base = (quick_grid if quick else default_grid)(guidance)
     grid = [m for m in base if m.family in _FAMILIES and "trigger" not in m.name]
     delayed = next(m.guidance for m in base if m.name == "jain-delayed")
+    if not quick:   # past strength 1 (opposite guidance in refinement): the frontier's far end
+        grid += [Method(f"attractor-{s:g}", "attractor", s, base[0].guidance,
+                        (AttractorRepulsion(strength=s),)) for s in (1.5, 2.0)]
     grid.append(Method("attractor-0.5+jain-delayed", "combination", 0.5, delayed,
                        (AttractorRepulsion(strength=0.5),)))
     if quick:
