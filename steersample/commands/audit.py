@@ -1,5 +1,8 @@
 """Audit memorisation controls on the embedded default model: every method x strength grid point.
 
+``--model letters`` (or the folder ``steersample/assets/letters``) audits the letters testbed with
+its own judge, held-out fonts and bands (``steersample.evaluation.audit.TESTBED_BANDS``).
+
 Samples the same seeds with plain CFG, Jain et al.'s delayed and opposite guidance (arXiv
 2411.16738), a CFG interval, AttractorRepulsion and RepresentationSteering at several strengths
 and their combinations, with the three detectors riding along. Judges rare and frequent classes
@@ -29,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from steersample.commands.compare import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     parser.add_argument("--model", type=Path, default=None, metavar="FOLDER",
-                        help="a folder written by scripts/train_default.py (default: embedded), or "
+                        help="a folder written by scripts/train_default.py or train_letters.py, "
+                             "a default's name ('digits', 'letters'; default: digits), or "
                              "an SD3/Flux pipeline folder with --reference and --prompts ('prompt': "
                              "the embedded prompt testbed)")
     parser.add_argument("--reference", type=Path, default=None, metavar="STORE",
@@ -115,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     checks = targets(audit, best)
     seconds = time.perf_counter() - start
     summary = to_json(audit, best, checks, args, seconds)
+    summary["settings"]["class_names"] = list(info.class_names)
     markdown = render_markdown(summary)
     plot, sheet = render_pareto(audit, best), render_sheet(audit, best, reference)
     _write_atomic(args.out / "pareto.png", plot)
@@ -164,19 +169,32 @@ def _f(x, digits=3):
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _named(classes: list, settings: dict) -> str:
+    """``[0, 3, 5]``, and on a testbed other than digits its names: ``[0, 3, 5] (A G M)``."""
+    names = settings.get("class_names") or []
+    if settings.get("testbed", "digits") == "digits" or not names:
+        return str(classes)
+    return f"{classes} ({' '.join(names[c] if c < len(names) else '?' for c in classes)})"
+
+
 def render_markdown(summary: dict) -> str:
+    from steersample.evaluation.audit import BANDS
+
     s = summary["settings"]
+    noun = "letters" if s.get("testbed") == "letters" else "digits"
+    bands = s.get("bands") or BANDS
     plain = next(r for r in summary["results"] if r["method"] == "plain")
     lines = [
         "# steersample audit", "",
         f"Model `{s['model']}` (commit `{str(s['model_git_commit'])[:12]}`); rare classes "
-        f"{s['rare_classes']} x {s['rare_samples']} samples, frequent {s['frequent_classes']} x "
+        f"{_named(s['rare_classes'], s)} x {s['rare_samples']} samples, frequent "
+        f"{_named(s['frequent_classes'], s)} x "
         f"{s['frequent_samples']}; {s['steps']} steps, CFG {s['guidance']:g}, seed {s['seed']}. "
         f"Copy: d(NN1)/d(NN2) < 1/3 against the training set. Z_U: Meehan et al.'s data-copying "
-        f"test against each class's held-out digits (< 0: closer to the training set than unseen "
-        f"digits; C_T over the group, worst class in brackets); dist: median nearest-training "
+        f"test against each class's held-out {noun} (< 0: closer to the training set than unseen "
+        f"{noun}; C_T over the group, worst class in brackets); dist: median nearest-training "
         f"distance over held-out's; prec: precision k=3 against held-out. FD: pooled over the group's classes "
-        f"against their held-out digits (16-d PCA). Time: min of {s['timing_repeats']} interleaved "
+        f"against their held-out {noun} (16-d PCA). Time: min of {s['timing_repeats']} interleaved "
         f"passes of {s['timing_samples']} rare-class samples without telemetry "
         f"({s['torch_threads']} torch threads; the machine is shared, so compare ratios).", "",
         "| method | rare copy | rare acc (worst) | rare Z_U C_T (worst) | rare dist (worst) "
@@ -197,8 +215,9 @@ def render_markdown(summary: dict) -> str:
             f"{_f(fr['precision'], 2)} | {_f(fr['fd'], 2)} | {r['model_evals_per_sample']:g} | "
             f"{_f(r['seconds'], 2)} | {ratio} | {_f(r['cpu_seconds'], 2)} |")
     lines += ["", f"Best steered setting: **{summary['best']}**: the highest worst-class rare Z_U "
-              "among the methods meeting every band (every rare class: Z_U >= -3, distance ratio "
-              ">= 0.8, accuracy >= 0.9, precision >= 0.8; frequent classes kept), else among those "
+              f"among the methods meeting every band (every rare class: Z_U >= {bands['z_u']:g}, "
+              f"distance ratio >= {bands['distance_ratio']:g}, accuracy >= {bands['accuracy']:g}, "
+              f"precision >= {bands['precision']:g}; frequent classes kept), else among those "
               "that stay on the data (accuracy and precision bands), see "
               "`steersample.evaluation.audit.select_best`. "
               "The sheet shows rare-class samples: nearest training image of each plain sample, "
@@ -236,8 +255,9 @@ def render_pareto(audit, best) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from steersample.evaluation.audit import BANDS
+    from steersample.evaluation.audit import bands_for
 
+    bands = bands_for(audit.settings.get("testbed"))
     markers = {"plain": "s", "jain-delayed": "v", "jain-opposite": "^", "cfg-interval": "D",
                "attractor": "o", "attractor-no-delay": "h", "representation": "P",
                "combination": "X"}
@@ -254,8 +274,8 @@ def render_pareto(audit, best) -> bytes:
                             xytext=(3, 3), textcoords="offset points")
         ax.plot([best.rare.z_u_min], [getattr(best.rare, field)], "o", ms=14, mfc="none",
                 mec="red", label="best")
-        ax.axvline(BANDS["z_u"], color="grey", ls="--", lw=0.8)
-        ax.axhline(BANDS["precision" if field == "precision_min" else "accuracy"], color="grey",
+        ax.axvline(bands["z_u"], color="grey", ls="--", lw=0.8)
+        ax.axhline(bands["precision" if field == "precision_min" else "accuracy"], color="grey",
                    ls="--", lw=0.8)
         ax.set_xlabel("rare data-copying Z_U, worst class (< 0: copying; band >= -3)")
         ax.set_ylabel(label)
@@ -279,17 +299,18 @@ def render_sheet(audit, best, reference, per_row: int = 24) -> bytes:
     rows = [r for n in dict.fromkeys(names) for r in audit.results if r.method.name == n]
     rare = audit.settings["rare_classes"]
     n_rare = audit.settings["rare_samples"]
-    pick = [c * n_rare + k for c in range(len(rare)) for k in range(per_row // len(rare))]
+    pick = [c * n_rare + k for c in range(len(rare)) for k in range(min(per_row // len(rare), n_rare))]
     plain = rows[0].samples[pick]
     _, idx = reference.nearest(plain.float(), k=1)
     grids = [reference.latents[idx[:, 0]].float().cpu()] + [r.samples[pick] for r in rows]
-    scale, pad = 6, 2
-    tile = 8 * scale + pad
-    img = np.full((len(grids) * tile + pad, len(pick) * tile + pad), 255, dtype=np.uint8)
+    h, w = plain.shape[-2:]
+    scale, pad = max(1, 48 // max(h, w)), 2   # digits: 6x, 16x16 letters: 3x
+    th, tw = h * scale + pad, w * scale + pad
+    img = np.full((len(grids) * th + pad, len(pick) * tw + pad), 255, dtype=np.uint8)
     for i, g in enumerate(grids):
         for j, x in enumerate(g):
-            a = ((1 - (x.reshape(8, 8).clamp(-1, 1).numpy() + 1) / 2) * 255).astype(np.uint8)
-            img[pad + i * tile: pad + i * tile + 8 * scale, pad + j * tile: pad + j * tile + 8 * scale] = \
+            a = ((1 - (x.reshape(h, w).clamp(-1, 1).numpy() + 1) / 2) * 255).astype(np.uint8)
+            img[pad + i * th: pad + i * th + h * scale, pad + j * tw: pad + j * tw + w * scale] = \
                 np.kron(a, np.ones((scale, scale), dtype=np.uint8))
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
