@@ -163,3 +163,25 @@ def test_missing_inputs_are_named(folder, tmp_path, capsys, no_model_call):
     assert "--model PIPELINE_FOLDER" in capsys.readouterr().err
     assert cli.main(["compare", "--model", str(folder / "model"), "--prompts",
                      str(folder / "prompts.txt"), "--classes", "1", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_compare_on_flux_folder(tmp_path):
+    """Flux: packed latents are unpacked to the store's (C, H, W) layout."""
+    from steersample.testing import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    pipe.save_pretrained(tmp_path / "flux")
+    (tmp_path / "flux" / "metadata.json").write_text(json.dumps(
+        {"call": {"height": 16, "width": 16, "max_sequence_length": 8}}))
+    g = torch.Generator().manual_seed(0)
+    _store(tmp_path / "ref", torch.randn(6, 1, 16, 16, generator=g), torch.tensor([0, 0, 1, 1, 2, 2]))
+    _store(tmp_path / "held", torch.randn(15, 1, 16, 16, generator=g), torch.arange(3).repeat(5))
+    (tmp_path / "p.txt").write_text("a cat\na fox\n")
+    out = tmp_path / "out"
+    assert cli.main(["compare", "--model", str(tmp_path / "flux"), "--reference", str(tmp_path / "ref"),
+                     "--heldout", str(tmp_path / "held"), "--prompts", str(tmp_path / "p.txt"),
+                     "--samples", "2", "--steps", "2", "--sheet-samples", "1", "--out", str(out),
+                     "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["pipeline"] == "flux" and report["latent_shape"] == [1, 16, 16]
+    assert set(report["results"]["plain"]["groups"]) == {"frequent", "rare"}
