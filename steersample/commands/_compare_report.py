@@ -14,9 +14,12 @@ import torch
 __all__ = ["render_markdown", "render_sheet", "summarise"]
 
 
-def _group(report, samples, labels, held_x, held_y, classes) -> dict:
-    """Copy rate, accuracy and FD pooled over the samples of ``classes``."""
-    from steersample.evaluation.judge import frechet_distance
+def _group(report, samples, labels, held_x, held_y, classes, judge=None) -> dict:
+    """Copy rate, accuracy and FD pooled over the samples of ``classes`` (``judge``: the
+    testbed's, default the digits')."""
+    from steersample.evaluation.judge import digits_judge
+
+    frechet_distance = (judge or digits_judge()).frechet_distance
 
     figures = report.for_classes(classes)
     mask = torch.isin(labels, torch.tensor(list(classes), dtype=labels.dtype))
@@ -28,12 +31,18 @@ def _group(report, samples, labels, held_x, held_y, classes) -> dict:
 
 
 def summarise(runs: dict, info, classes: list[int], args, seconds: float,
-              reference) -> dict:
-    """The JSON report: settings, then per run pooled / rare / frequent / per-class figures."""
-    from steersample.default import held_out_digits
+              reference, judge=None, held=None) -> dict:
+    """The JSON report: settings, then per run pooled / rare / frequent / per-class figures.
+
+    ``judge`` and ``held`` (held-out images, labels) default to the testbed's
+    (``judge.judge_for(info)``, ``default.held_out(info.path)``)."""
+    from steersample.default import held_out
+    from steersample.evaluation.judge import judge_for
     from steersample.evaluation.novelty import novelty_by_class
 
-    held_x, held_y = held_out_digits(info)
+    held_x, held_y = held_out(info.path) if held is None else held
+    judge = judge_for(info) if judge is None else judge
+    testbed = getattr(info, "testbed", "digits")
     rare = [c for c in classes if c in info.rare_classes]
     frequent = [c for c in classes if c in info.frequent_classes]
     out = {
@@ -48,11 +57,15 @@ def summarise(runs: dict, info, classes: list[int], args, seconds: float,
         "seed": args.seed,
         "copy_test": "ratio d(NN1)/d(NN2) < 1/3 against the training set (pixels)",
         "novelty_test": ("data-copying Z_U (Meehan et al. 2020) and median nearest-training "
-                         "distance over held-out's, against each class's held-out digits; "
+                         "distance over held-out's, against each class's held-out "
+                         f"{'letters' if testbed == 'letters' else 'digits'}; "
                          "precision/recall k=3 (Kynkaanniemi et al. 2019) against them"),
         "settings": {},
         "results": {},
     }
+    if testbed != "digits":   # (the digits report stays as it was)
+        out["testbed"] = testbed
+        out["class_names"] = list(info.class_names)
     for name, (setting, samples, report, evals, secs) in runs.items():
         labels = torch.tensor(classes).repeat_interleave(args.samples)
         novelty = novelty_by_class(samples, labels, reference, held_x, held_y,
@@ -64,9 +77,9 @@ def summarise(runs: dict, info, classes: list[int], args, seconds: float,
             "copy_rate": report.copy_rate,
             "accuracy": report.accuracy,
             "fd": report.fd,
-            "rare": ({**_group(report, samples, labels, held_x, held_y, rare),
+            "rare": ({**_group(report, samples, labels, held_x, held_y, rare, judge),
                       **novelty["groups"]["rare"]} if rare else None),
-            "frequent": ({**_group(report, samples, labels, held_x, held_y, frequent),
+            "frequent": ({**_group(report, samples, labels, held_x, held_y, frequent, judge),
                           **novelty["groups"]["frequent"]} if frequent else None),
             "per_class": [{"label": r.label, "kind": "rare" if r.label in rare else "frequent",
                            "count": r.count, "copy_rate": r.copy_rate, "accuracy": r.accuracy,
@@ -86,9 +99,20 @@ def _f(value, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def _noun(summary: dict) -> str:
+    return "letters" if summary.get("testbed") == "letters" else "digits"
+
+
+def _label(summary: dict, label: int) -> str:
+    """``"3"``; with class names (testbeds other than digits) ``"3 G"``."""
+    names = summary.get("class_names") or []
+    return f"{label} {names[label]}" if label < len(names) else str(label)
+
+
 def render_markdown(summary: dict) -> str:
     """Markdown: settings, a per-class table (plain vs steered), group rows, cost."""
     res, names = summary["results"], list(summary["results"])
+    noun = _noun(summary)
     lines = [
         "# steersample compare",
         "",
@@ -100,21 +124,21 @@ def render_markdown(summary: dict) -> str:
     for name in names:
         lines.append(f"- **{name}**: {summary['settings'][name]['description']}")
     lines += ["", f"Copy: {summary['copy_test']}. Accuracy: the judge's SVC. FD: to the held-out "
-              "digits of that class, 16-d PCA features. Diversity: mean pairwise l2.", ""]
+              f"{noun} of that class, 16-d PCA features. Diversity: mean pairwise l2.", ""]
     head = ["class", "kind"]
     for metric in ("copy", "accuracy", "FD", "diversity"):
         head += [f"{metric} {n}" for n in names]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     per = {n: {r["label"]: r for r in res[n]["per_class"]} for n in names}
     for label in summary["classes"]:
-        row = [str(label), per[names[0]][label]["kind"]]
+        row = [_label(summary, label), per[names[0]][label]["kind"]]
         for key, digits in (("copy_rate", 2), ("accuracy", 2), ("fd", 1), ("diversity", 2)):
             row += [_f(per[n][label][key], digits) for n in names]
         lines.append("| " + " | ".join(row) + " |")
     for group in ("rare", "frequent"):
         if res[names[0]][group] is None:
             continue
-        row = [f"**{group}**", ", ".join(map(str, res[names[0]][group]["classes"]))]
+        row = [f"**{group}**", ", ".join(_label(summary, c) for c in res[names[0]][group]["classes"])]
         for key, digits in (("copy_rate", 2), ("accuracy", 2), ("fd", 1)):
             row += [f"**{_f(res[n][group][key], digits)}**" for n in names]
         row += ["" for _ in names]
@@ -142,23 +166,24 @@ def _novelty_table(summary: dict, names: list[str], per: dict) -> list[str]:
     """Markdown rows: data-copying Z_U, distance ratio, precision per class and group."""
     res = summary["results"]
     lines = [f"Novelty: {summary['novelty_test']}. Z_U < 0: closer to the training set than "
-             "unseen real digits (copying); distance ratio 1: as far as they are. Held-out halves "
-             "of one class against each other score |Z_U| < 1, ratio 0.95-0.99, precision "
-             "0.91-0.98.", ""]
+             f"unseen real {_noun(summary)} (copying); distance ratio 1: as far as they are."
+             + (" Held-out halves of one class against each other score |Z_U| < 1, ratio "
+                "0.95-0.99, precision 0.91-0.98." if _noun(summary) == "digits" else ""), ""]
     head = ["class", "kind"]
     for metric in ("Z_U", "distance", "precision"):
         head += [f"{metric} {n}" for n in names]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = (("z_u", 1), ("distance_ratio", 2), ("precision", 2))
     for label in summary["classes"]:
-        row = [str(label), per[names[0]][label]["kind"]]
+        row = [_label(summary, label), per[names[0]][label]["kind"]]
         for key, digits in keys:
             row += [_f(per[n][label].get(key), digits) for n in names]
         lines.append("| " + " | ".join(row) + " |")
     for group in ("rare", "frequent"):
         if res[names[0]][group] is None:
             continue
-        row = [f"**{group}** (Z_U: C_T, worst)", ", ".join(map(str, res[names[0]][group]["classes"]))]
+        row = [f"**{group}** (Z_U: C_T, worst)",
+               ", ".join(_label(summary, c) for c in res[names[0]][group]["classes"])]
         row += [f"**{_f(res[n][group].get('z_u'), 1)}** ({_f(res[n][group].get('z_u_min'), 1)})"
                 for n in names]
         for key, digits in keys[1:]:
@@ -168,7 +193,7 @@ def _novelty_table(summary: dict, names: list[str], per: dict) -> list[str]:
 
 
 def _tile(image: torch.Tensor, scale: int) -> np.ndarray:
-    """(1, 8, 8) in [-1, 1] -> (8*scale, 8*scale) grey in [0, 1], dark strokes on white."""
+    """(1, H, W) in [-1, 1] -> (H*scale, W*scale) grey in [0, 1], dark strokes on white."""
     grey = (1.0 - (image[0].clamp(-1, 1) + 1.0) / 2.0).numpy()
     return np.kron(grey, np.ones((scale, scale)))
 
@@ -184,8 +209,9 @@ def render_sheet(runs: dict, reference, classes: list[int], samples: int, shown:
     import matplotlib.pyplot as plt
 
     shown = max(1, min(shown, samples))
-    scale, pad, gap = 4, 3, 24
-    cell = 8 * scale
+    side = int(next(iter(runs.values()))[1].shape[-1])   # 8 (digits), 16 (letters)
+    scale, pad, gap = max(1, 32 // side), 3, 24
+    cell = side * scale
     pair_w = 2 * cell + 3 * pad
     block_w = shown * (pair_w + pad)
     names = list(runs)
@@ -215,7 +241,9 @@ def render_sheet(runs: dict, reference, classes: list[int], samples: int, shown:
     ax.set_xticklabels([f"{n}  (sample | nearest training image)" for n in names])
     ax.xaxis.tick_top()
     ax.set_yticks([r * row_h + row_h / 2 for r in range(len(classes))])
-    ax.set_yticklabels([f"{c} {'rare' if c in info.rare_classes else 'freq'}" for c in classes])
+    names = tuple(getattr(info, "class_names", ())) if getattr(info, "testbed", "digits") != "digits" else ()
+    ax.set_yticklabels([f"{c}{f' {names[c]}' if c < len(names) else ''} "
+                        f"{'rare' if c in info.rare_classes else 'freq'}" for c in classes])
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)

@@ -1,13 +1,15 @@
 """Plain versus steered sampling on the same seeds, judged for copies, accuracy and quality.
 
-Loads the embedded default model (or --model FOLDER written by scripts/train_default.py),
+Loads the embedded default model (or --model FOLDER written by scripts/train_default.py or
+scripts/train_letters.py, or a default's name: digits, letters),
 draws --samples images of every requested class twice from the same initial noise: once plain
 (constant CFG at --guidance) and once steered (the setting named in the report; today the
 same CFG plus AttractorRepulsion, the best setting of `steersample audit`). Every sample is
 judged by steersample.evaluation.judge:
 copy = ratio test d(NN1)/d(NN2) < 1/3 against the model's training set; class accuracy = an
 SVC trained on all 1,797 digits; FD to the held-out digits in a fixed 16-d PCA space;
-diversity = mean pairwise distance.
+diversity = mean pairwise distance. On the letters testbed the judge is the same recipe fitted
+on every rendered letter (``judge.judge_for(info)``) and the held-out images are its unseen fonts.
 
 Writes into --out: sheet.png (plain | steered, each sample beside its nearest training image,
 copies framed in red), report.json and report.md. Existing files are replaced only once the
@@ -86,9 +88,10 @@ def _class_id(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"class {text!r} is not an integer; use digits 0-9")
+        raise argparse.ArgumentTypeError(f"class {text!r} is not an integer; use class ids 0-9 "
+                                         "(digits 0-9; letters 0-9 = A B E G K M R S W X)")
     if not 0 <= value <= 9:
-        raise argparse.ArgumentTypeError(f"class {value} is outside 0-9; use digits 0-9")
+        raise argparse.ArgumentTypeError(f"class {value} is outside 0-9; use class ids 0-9")
     return value
 
 
@@ -106,7 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt models: held-out real latents for Z_U and precision/recall "
                              "(store folder or .safetensors)%(default).0s")
     parser.add_argument("--classes", type=_class_id, nargs="+", default=None, metavar="C",
-                        help="digit classes to sample (default: all, 0-9)%(default).0s")
+                        help="class ids to sample (default: all, 0-9; letters: 0-9 = A B E G K "
+                             "M R S W X)%(default).0s")
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
                         help="samples per class, for each of plain and steered")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps")
@@ -211,9 +215,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from steersample.commands._compare_report import render_markdown, render_sheet, summarise
-    from steersample.default import held_out_digits, load_default, load_default_info
+    from steersample.default import held_out, load_default, load_default_info
     from steersample.distributed import Distributed
-    from steersample.evaluation.judge import judge
+    from steersample.evaluation.judge import judge_for
 
     from steersample.commands._prompt_runs import uses_prompt_model
 
@@ -225,11 +229,19 @@ def run(args: argparse.Namespace) -> int:
     world = Distributed()   # several processes under `accelerate launch`, else this one
     t0 = time.perf_counter()
     info = load_default_info(args.model)   # a bad --model fails here, before --out is created
+    known = set(info.rare_classes) | set(info.frequent_classes)
+    if args.classes is None:
+        classes = sorted(known)
+    unknown = [c for c in classes if c not in known]
+    if unknown:
+        raise ValueError(f"class(es) {unknown} are not classes of the model {str(info.path)!r}; "
+                         f"its classes are {sorted(known)}")
     pipe, reference = load_default(args.model)
     if world.is_main:
         _check_writable(args.out)
     pipe.to(world.device)
-    held_x, held_y = held_out_digits(info)
+    held_x, held_y = held_out(info.path)
+    judge = judge_for(info)
 
     labels = torch.tensor(classes).repeat_interleave(args.samples)
     seeds = [args.seed + _SEED_STRIDE * c + k for c in classes for k in range(args.samples)]
@@ -251,13 +263,13 @@ def run(args: argparse.Namespace) -> int:
             merged = world.map(unit, len(seeds), args.batch_size)
             if world.is_main:
                 samples = merged["x"]
-                report = judge(samples, labels, reference, held_x, held_y)
+                report = judge.judge(samples, labels, reference, held_x, held_y)
                 runs[setting.name] = (setting, samples, report, int(merged["evals"].max()), spent[0])
     if not world.is_main:   # the main process judges and writes the merged results
         return 0
 
     summary = summarise(runs, info, classes, args, seconds=time.perf_counter() - t0,
-                        reference=reference)
+                        reference=reference, judge=judge, held=(held_x, held_y))
     summary["processes"] = world.world_size
     summary["seconds_counts"] = (
         "wall seconds on the main process: each run's sampling of the main process's share of "

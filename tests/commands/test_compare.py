@@ -118,7 +118,7 @@ def test_a_failure_mid_run_keeps_earlier_outputs(tmp_path, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise ValueError("judge exploded")
 
-    monkeypatch.setattr(steersample.evaluation.judge, "judge", broken)
+    monkeypatch.setattr(steersample.evaluation.judge.Judge, "judge", broken)   # the testbed's judge
     assert _compare(*SMALL, "--seed", "5", "--out", str(out)) == 2
     assert "judge exploded" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
