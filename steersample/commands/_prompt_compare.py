@@ -15,6 +15,7 @@ import io
 import json
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -38,11 +39,20 @@ def _validate(args) -> None:
         raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
 
 
-def prompt_settings(guidance: float) -> tuple:
+@dataclass(frozen=True)
+class Setting:
+    """One sampling configuration (as ``compare.Setting``): name, description, guidance, steerers."""
+
+    name: str
+    description: str
+    guidance: object  # a GuidanceSchedule
+    steering: tuple = ()
+
+
+def prompt_settings(guidance: float) -> tuple[Setting, Setting]:
     """(plain, steered) for a prompt model: constant CFG, and ``recommended_for_scale`` for an
     unlabelled call (text prompts carry no class labels to the steerers): the same CFG plus
     ``AttractorRepulsion(strength=0.5)``."""
-    from steersample.commands.compare import Setting
     from steersample.sampling.guidance import GuidanceSchedule
     from steersample.steering.recommended import recommended_for_scale
 
