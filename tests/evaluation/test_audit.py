@@ -76,6 +76,30 @@ def test_select_best_ranks_by_heldout_novelty_within_the_bands():
         select_best(AuditResult((audit.results[0],), {}))
 
 
+def test_bands_are_per_testbed():
+    """Letters (issue #15 part 4): accuracy >= 0.85, precision >= 0.7; digits unchanged."""
+    from steersample.evaluation.audit import BANDS, TESTBED_BANDS, bands_for, meets_bands
+
+    assert bands_for() is BANDS is bands_for("digits") is TESTBED_BANDS["digits"]
+    assert BANDS["accuracy"] == 0.9 and BANDS["precision"] == 0.8
+    letters = bands_for("letters")
+    assert (letters["accuracy"], letters["precision"]) == (0.85, 0.7)
+    assert {k: v for k, v in letters.items() if k not in ("accuracy", "precision")} == {
+        k: v for k, v in BANDS.items() if k not in ("accuracy", "precision")}
+    with pytest.raises(ValueError, match="no bands for testbed"):
+        bands_for("faces")
+    plain = result("plain", "plain", figures())
+    loose = result("loose", "novelty", figures(z=-1.0, dist=0.9, acc=0.87, prec=0.72, copy=0.0))
+    tight = result("tight", "novelty", figures(z=-2.5, dist=0.9, acc=0.95, prec=0.85, copy=0.0))
+    assert not meets_bands(loose, plain) and meets_bands(loose, plain, letters)
+    # digits: only "tight" meets every band; letters: both do, and the higher Z_U wins
+    assert select_best(AuditResult((plain, loose, tight), {})).method.name == "tight"
+    on_letters = AuditResult((plain, loose, tight), {"testbed": "letters"})
+    assert select_best(on_letters).method.name == "loose"
+    rows = {t: ok for t, _, ok in targets(on_letters)}
+    assert rows["best rare accuracy >= 0.85 in every class"]
+    assert rows["best rare precision >= 0.7 in every class"]
+
 def test_grids():
     names = [m.name for m in default_grid(2.0)]
     assert names[:4] == ["plain", "jain-delayed", "jain-opposite", "cfg-interval"]
