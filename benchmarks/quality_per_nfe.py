@@ -253,6 +253,7 @@ def plot(all_results: dict[str, dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     beds = list(all_results)
     fig, axes = plt.subplots(len(beds), 2, figsize=(9, 3.2 * len(beds)), squeeze=False, sharey="row")
@@ -269,7 +270,9 @@ def plot(all_results: dict[str, dict], path: Path) -> None:
                 nfe, fd, sd = map(np.asarray, zip(*pts))
                 ax.errorbar(nfe, fd, yerr=sd, label=grid, marker="o", ms=3, lw=1.2, capsize=2)
             ax.set_xscale("log")
-            ax.set_yscale("log")
+            ax.set_xticks([2, 4, 6, 10, 20, 40, 60])
+            ax.xaxis.set_major_formatter(ScalarFormatter())   # plain numbers, not 4x10^0
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("model evaluations per sample (NFE)")
             ax.set_title(f"{bed}: {guide}", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
