@@ -219,6 +219,20 @@ def render_sheet(runs: dict, inputs: PromptInputs, which: torch.Tensor, shown: i
             if bool(flags[r_i][j]):
                 sheet[y - 2:y, x0:x0 + 2 * tile] = sheet[y + tile:y + tile + 2, x0:x0 + 2 * tile] = (220, 30, 30)
                 sheet[y - 2:y + tile + 2, x0:x0 + 2] = sheet[y - 2:y + tile + 2, x0 + 2 * tile - 2:x0 + 2 * tile] = (220, 30, 30)
+    # labels: the run names above, each row's prompt (shortened) on the left
+    from PIL import ImageDraw
+
+    left, top = 120, 16
+    canvas = Image.new("RGB", (sheet.shape[1] + left, sheet.shape[0] + top), (255, 255, 255))
+    canvas.paste(Image.fromarray(sheet), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for r_i, n in enumerate(names):
+        draw.text((left + r_i * (shown * (2 * tile + pad) + gap) + pad, 2), f"{n}: sample | nearest training",
+                  fill=(0, 0, 0))
+    for row, p in enumerate(rows):
+        text = inputs.prompts[p].text
+        text = text if len(text) <= 20 else text[:19] + "…"
+        draw.text((4, top + pad + row * (tile + 2 * pad) + tile // 2 - 6), text, fill=(0, 0, 0))
     buf = io.BytesIO()
-    Image.fromarray(sheet).save(buf, format="PNG")
+    canvas.save(buf, format="PNG")
     return buf.getvalue()

@@ -161,8 +161,18 @@ def _latent_shape(pipe, kind: str, call: dict) -> tuple[int, ...]:
     return (pipe.transformer.config.in_channels // 4, 2 * (height // (f * 2)), 2 * (width // (f * 2)))
 
 
+def _check_single_process() -> None:
+    """Prompt-model runs sample in one process; under a launcher every process would write."""
+    import os
+
+    if any(int(os.environ.get(n, "1") or 1) > 1 for n in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")):
+        raise ValueError("compare/audit on a prompt model run in one process; run `steersample "
+                         "compare|audit` directly, not under `accelerate launch`")
+
+
 def load_inputs(args) -> PromptInputs:
     """Validate every input and load the pipeline; no model is called."""
+    _check_single_process()
     folder = resolve_model(args.model)
     kind = _kind(folder)
     defaults = folder if (folder / "reference").is_dir() and (folder / "prompts.txt").is_file() else None

@@ -185,3 +185,11 @@ def test_compare_on_flux_folder(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["pipeline"] == "flux" and report["latent_shape"] == [1, 16, 16]
     assert set(report["results"]["plain"]["groups"]) == {"frequent", "rare"}
+
+
+def test_prompt_runs_refuse_a_launcher(folder, tmp_path, capsys, monkeypatch, no_model_call):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    from steersample.commands import _prompt_runs as runs
+
+    with pytest.raises(ValueError, match="one process"):
+        runs._check_single_process()
