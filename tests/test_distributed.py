@@ -165,6 +165,9 @@ def test_two_process_audit_writes_the_same_report_as_one_process(tmp_path):
     assert "(2 processes)" in two.stdout
     r1, r2 = (json.loads((tmp_path / d / "audit.json").read_text()) for d in ("one", "two"))
     r1.pop("seconds_total"), r2.pop("seconds_total")   # wall clock: the one figure allowed to differ
+    # what the seconds count, and how many processes ran: said, and otherwise the same report
+    assert r1["settings"].pop("processes") == 1 and r2["settings"].pop("processes") == 2
+    assert "2 processes" in r2.pop("seconds_counts") and "processes" not in r1.pop("seconds_counts")
     assert r1 == r2
     for name in ("sheet.png", "pareto.png"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
