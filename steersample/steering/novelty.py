@@ -37,8 +37,9 @@ Without class labels (on the call or the reference set) the steerer does nothing
 Guidance: any run schedule; scarce samples see it only above ``sigma_nav``. The unconditional
 pass must run below ``sigma_nav`` (a CFG scale other than 1 there).
 
-Cost: no extra model evaluations; per step, for scarce samples only, one k-NN query, a K×K
-eigen-solve per sample and the class model's posterior.
+Cost: no extra model evaluations; per step, for scarce samples only, one k-NN query, a few
+block power iterations on each sample's K×K Gram matrix (:func:`top_eigenpairs`) and the class
+model's posterior.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ from steersample.steering.class_model import GaussianClassModel
 if TYPE_CHECKING:  # pragma: no cover
     from steersample.sampling.protocol import StepState
 
-__all__ = ["NoveltySteering", "NoveltyRun", "leave_one_out_distances", "push_to_distance"]
+__all__ = ["NoveltySteering", "NoveltyRun", "leave_one_out_distances", "push_to_distance",
+           "top_eigenpairs"]
 
 
 def _sigma(value: Any, name: str) -> float:
@@ -78,6 +80,28 @@ def leave_one_out_distances(reference: ReferenceSet) -> torch.Tensor:
     dist, idx = torch.as_tensor(dist).cpu().double(), torch.as_tensor(idx).cpu()
     self_first = idx[:, 0] == torch.arange(len(reference))
     return torch.where(self_first, dist[:, 1], dist[:, 0])
+
+
+def top_eigenpairs(gram: torch.Tensor, r: int, oversample: int = 8,
+                   iterations: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``r`` eigenpairs ``(b, r)``, ``(b, K, r)`` of symmetric PSD ``gram`` ``(b, K, K)``.
+
+    Block power iteration on ``r + oversample`` columns from a fixed start, then Rayleigh-Ritz
+    (Halko, Martinsson & Tropp, arXiv 0909.4061): the subspace error shrinks like
+    ``(λ_{r+p+1} / λ_r)^iterations``; several times cheaper than a full batched ``eigh`` for
+    the many small Gram matrices of one step. Exact (a full ``eigh``) when ``r + oversample >= K``.
+    """
+    k = gram.shape[-1]
+    width = r + oversample
+    if width >= k:
+        lam, vec = torch.linalg.eigh(gram)
+        return lam[:, -r:], vec[:, :, -r:]
+    start = torch.randn(k, width, generator=torch.Generator().manual_seed(0), dtype=gram.dtype)
+    q = torch.linalg.qr(gram @ start.to(gram.device)).Q
+    for _ in range(iterations - 1):
+        q = torch.linalg.qr(gram @ q).Q
+    lam, w = torch.linalg.eigh(q.transpose(1, 2) @ gram @ q)
+    return lam[:, -r:], (q @ w)[:, :, -r:]
 
 
 def push_to_distance(x0: torch.Tensor, anchor: torch.Tensor, basis: torch.Tensor,
@@ -259,9 +283,8 @@ class NoveltySteering:
         near = ref.rows(idx.flatten()).detach().to("cpu", torch.float64).reshape(x0.shape[0], k, -1)
         centred = near - near.mean(1, keepdim=True)
         # principal directions from the K x K Gram matrix (cheap for any D)
-        lam, q = torch.linalg.eigh(centred @ centred.transpose(1, 2))
         r = min(self.directions, k - 1)
-        lam, q = lam[:, -r:], q[:, :, -r:]
+        lam, q = top_eigenpairs(centred @ centred.transpose(1, 2), r)
         basis = centred.transpose(1, 2) @ q / lam.clamp_min(1e-12).sqrt()[:, None, :]
         anchor = near[:, 0]
         for it in range(self.iterations):

@@ -114,3 +114,21 @@ def test_without_labels_it_changes_nothing():
     unlabelled = ss.ReferenceSet(ref.latents)
     plain = _run(pipe, unlabelled, [2], [5], None)
     assert torch.equal(_run(pipe, unlabelled, [2], [5], [ss.NoveltySteering()]), plain)
+
+
+def test_top_eigenpairs_match_a_full_eigen_solve():
+    from steersample.steering.novelty import top_eigenpairs
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 48, 64, generator=g, dtype=torch.float64) * torch.logspace(0, -1, 64, dtype=torch.float64)
+    gram = x @ x.transpose(1, 2)
+    lam, vec = torch.linalg.eigh(gram)
+    approx_lam, approx_vec = top_eigenpairs(gram, 12)
+    exact_p = vec[:, :, -12:] @ vec[:, :, -12:].transpose(1, 2)
+    approx_p = approx_vec @ approx_vec.transpose(1, 2)
+    assert torch.allclose(approx_lam, lam[:, -12:], rtol=2e-2)
+    assert (approx_p - exact_p).abs().max() < 0.1
+    assert torch.allclose(approx_vec.transpose(1, 2) @ approx_vec, torch.eye(12, dtype=torch.float64).expand(5, 12, 12), atol=1e-10)
+    small = gram[:, :10, :10]                      # r + oversample >= K: the exact solve
+    exact_small = torch.linalg.eigh(small)
+    assert torch.equal(top_eigenpairs(small, 3)[0], exact_small[0][:, -3:])
