@@ -217,8 +217,10 @@ def render_markdown(summary: dict) -> str:
     lines += ["", f"Best steered setting: **{summary['best']}**: the highest worst-class rare Z_U "
               f"among the methods meeting every band (every rare class: Z_U >= {bands['z_u']:g}, "
               f"distance ratio >= {bands['distance_ratio']:g}, accuracy >= {bands['accuracy']:g}, "
-              f"precision >= {bands['precision']:g}; frequent classes kept), else among those "
-              "that stay on the data (accuracy and precision bands), see "
+              f"precision >= {bands['precision']:g}; frequent classes kept); else the most precise "
+              "method the data-copying test does not call a copier (Z_U and distance bands, "
+              "accuracy); else the highest Z_U among those that stay on the data (accuracy and "
+              "precision bands); see "
               "`steersample.evaluation.audit.select_best`. "
               "The sheet shows rare-class samples: nearest training image of each plain sample, "
               "plain, Jain delayed, Jain opposite, best.", "", "## Detection on plain sampling", "",
