@@ -29,7 +29,6 @@ def prompt_grid(guidance: float, quick: bool):
     strengths 1.5 and 2 (default grid), and AttractorRepulsion with Jain et al.'s delayed
     guidance (text prompts have no per-sample scarcity test)."""
     from steersample.evaluation.audit import Method, default_grid, quick_grid
-    from steersample.sampling.guidance import GuidanceSchedule
     from steersample.steering.attractor import AttractorRepulsion
 
     base = (quick_grid if quick else default_grid)(guidance)

@@ -15,10 +15,10 @@ import io
 import json
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 
+from steersample.commands._timed import Setting
 from steersample.commands._prompt_runs import PromptInputs, generate, judge_prompts, load_inputs, seeds_for
 
 __all__ = ["prompt_settings", "run_compare", "render_markdown", "render_sheet", "decode"]
@@ -37,16 +37,6 @@ def _validate(args) -> None:
         raise ValueError(f"--samples must be at least 2 (precision/recall need two), got {args.samples}")
     if not math.isfinite(args.guidance):
         raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One sampling configuration (as ``compare.Setting``): name, description, guidance, steerers."""
-
-    name: str
-    description: str
-    guidance: object  # a GuidanceSchedule
-    steering: tuple = ()
 
 
 def prompt_settings(guidance: float) -> tuple[Setting, Setting]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,37 +223,21 @@ def generate(inputs: PromptInputs, prompts: list[str], seeds: list[int], guidanc
 
     Seconds are what the user pays for the sampling call (no telemetry recorded); model
     evaluations are counted by a forward hook on the transformer (rows seen / samples)."""
+    from steersample.commands._timed import timed_call
     from steersample.distributed import seeded_generators
 
     pipe = inputs.pipe
-    rows = [0]
-
-    def count(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        rows[0] += int(hidden.shape[0])
-
-    def on_step_end(pipeline, i, t, kwargs):
-        if bar is not None:
-            bar.update(1)
-        return kwargs
-
     extra = {"negative_prompt": [""] * len(prompts)} if inputs.kind == "flux" else {}
-    handle = pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
-    try:
-        start = time.perf_counter()
-        out = pipe(prompt=prompts, guidance=guidance, steering=list(steering),
-                   reference=inputs.reference if steering else None, num_inference_steps=steps,
-                   generator=seeded_generators(seeds), output_type="latent", return_telemetry=False,
-                   callback_on_step_end=on_step_end, **inputs.call, **extra)
-        seconds = time.perf_counter() - start
-    finally:
-        handle.remove()
+    out, rows, seconds = timed_call(
+        pipe, bar, prompt=prompts, guidance=guidance, steering=list(steering),
+        reference=inputs.reference if steering else None, num_inference_steps=steps,
+        generator=seeded_generators(seeds), **inputs.call, **extra)
     x = out.images.float()
     if inputs.kind == "flux":   # packed (B, L, 4C) -> (B, C, H, W)
         _, h, w = inputs.latent_shape
         x = pipe._unpack_latents(x, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor,
                                  pipe.vae_scale_factor)
-    return x.reshape(len(seeds), *inputs.latent_shape), rows[0] // len(seeds), seconds
+    return x.reshape(len(seeds), *inputs.latent_shape), rows // len(seeds), seconds
 
 
 def seeds_for(inputs: PromptInputs, indices: list[int], samples: int, seed: int) -> tuple[list[str], list[int], torch.Tensor]:

@@ -27,10 +27,11 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from steersample.commands._timed import Setting
 
 __all__ = ["NAME", "HELP", "DEFAULT_GUIDANCE", "DEFAULT_SAMPLES", "DEFAULT_STEPS", "Setting",
            "add_arguments", "run", "settings"]
@@ -44,16 +45,6 @@ DEFAULT_STEPS = 30
 DEFAULT_OUT = Path("steersample-out") / "compare"
 DEFAULT_BATCH = 64
 _SEED_STRIDE = 10_000  # sample k of class c uses seed + c * _SEED_STRIDE + k
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One sampling configuration: a name, a description, and the pipeline arguments."""
-
-    name: str
-    description: str
-    guidance: object  # a GuidanceSchedule
-    steering: tuple = ()
 
 
 def _describe(guidance) -> str:
@@ -184,31 +175,14 @@ def _generate(pipe, setting: Setting, labels: torch.Tensor, seeds: list[int], st
     reference set that would add an exact-oracle pass per step). Model evaluations are counted
     exactly by a forward hook on the transformer (rows seen / samples; a batched cond+uncond
     call counts 2)."""
+    from steersample.commands._timed import timed_call
     from steersample.distributed import seeded_generators
 
-    generators = seeded_generators(seeds, device)
-    rows = [0]
-
-    def count(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        rows[0] += int(hidden.shape[0])
-
-    def on_step_end(pipeline, i, t, kwargs):
-        if bar is not None:
-            bar.update(1)
-        return kwargs
-
-    handle = pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
-    try:
-        start = time.perf_counter()
-        out = pipe(class_labels=labels, guidance=setting.guidance, steering=list(setting.steering),
-                   reference=reference if setting.steering else None,
-                   num_inference_steps=steps, generator=generators, output_type="latent",
-                   return_telemetry=False, callback_on_step_end=on_step_end)
-        seconds = time.perf_counter() - start
-    finally:
-        handle.remove()
-    return out.images.float().clamp(-1.0, 1.0), rows[0] // len(seeds), seconds
+    out, rows, seconds = timed_call(
+        pipe, bar, class_labels=labels, guidance=setting.guidance, steering=list(setting.steering),
+        reference=reference if setting.steering else None, num_inference_steps=steps,
+        generator=seeded_generators(seeds, device))
+    return out.images.float().clamp(-1.0, 1.0), rows // len(seeds), seconds
 
 
 def run(args: argparse.Namespace) -> int:

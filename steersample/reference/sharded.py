@@ -31,7 +31,7 @@ import torch
 from steersample._checks import check_labels, check_positive_int
 from steersample.reference.index import ReferenceIndex, choose_index, exact_knn
 from steersample.reference.reference_set import AUTO_INDEX_MIN, ReferenceSet, _groups
-from steersample.reference.store import _TORCH_DTYPES, StoreManifest, mmap_safetensors, read_manifest
+from steersample.reference.store import StoreManifest, mmap_safetensors, read_manifest
 
 __all__ = ["ShardedReferenceSet", "AUTO_INDEX_MIN"]
 

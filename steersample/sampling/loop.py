@@ -26,7 +26,7 @@ float32 as diffusers does, the model adapter casts at the model call.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
