@@ -28,7 +28,8 @@ import torch
 
 from steersample.studio.settings import RunPlan, StudioRequest, plan_runs
 
-__all__ = ["StudioModel", "ArmResult", "Comparison", "load_model_folder", "run_comparison"]
+__all__ = ["StudioModel", "ArmResult", "Comparison", "load_model_folder", "load_prompt_model",
+           "run_comparison"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,11 @@ class StudioModel:
         heldout: ``(images, labels)`` of real data the model never saw, in the reference's
             latent layout (labels may be None), or None: each sample's distance to the training
             set is then reported relative to held-out data's (``metrics.relative_distance``).
+        call: keyword arguments every pipeline call gets (prompt models: ``max_sequence_length``,
+            height, width from the folder's ``metadata.json``).
+        prompts: the prompts offered in the prompt chooser (prompt models; free text works too).
+        prompt_labels: prompt -> label of its rows in the reference/held-out stores, so a known
+            prompt is judged against its own held-out images and phase profile.
     """
 
     name: str
@@ -61,6 +67,9 @@ class StudioModel:
     default_class: int | None = None
     digits: bool = False
     heldout: Any = None
+    call: dict = field(default_factory=dict)
+    prompts: tuple[str, ...] = ()
+    prompt_labels: dict = field(default_factory=dict)
     _profiles: dict = field(default_factory=dict, repr=False, compare=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -74,6 +83,20 @@ class StudioModel:
             object.__setattr__(self, "default_class", 0)
         if self.reference is not None:
             _warm_up(self.reference)
+
+    @property
+    def steerers(self) -> list[str]:
+        """The steering methods this model offers (``settings.steerer_names`` less those that
+        need class labels, for prompt models)."""
+        from steersample.studio.settings import steerers_for
+
+        return steerers_for(self.kind)
+
+    def label(self, request: StudioRequest) -> int | None:
+        """The reference label a request samples: its class, or its prompt's id when known."""
+        if self.kind == "class":
+            return request.class_id
+        return self.prompt_labels.get(request.prompt)
 
     @property
     def num_classes(self) -> int:
@@ -184,6 +207,40 @@ def _load_diffusers_folder(folder: Path, name: str) -> StudioModel:
     return StudioModel(name, pipe, None, kind, description=f"{folder.name}: {class_name}")
 
 
+def load_prompt_model(model: str | Path, reference: str | Path | None = None,
+                      prompts: str | Path | None = None, heldout: str | Path | None = None,
+                      name: str | None = None) -> StudioModel:
+    """A text-to-image model (SD3 or Flux folder, or ``"prompt"``: the shipped testbed) served
+    with its reference store, its prompts and (optionally) held-out data.
+
+    Every input is checked as ``steersample compare`` checks it
+    (``steersample.commands._prompt_runs.load_inputs``) before any model call: a store whose
+    latent shape differs from the pipeline's latents, a held-out set of another shape or an
+    empty/unreadable prompts file raise ``ValueError``/``FileNotFoundError`` naming the fix.
+    """
+    from argparse import Namespace
+
+    from steersample.commands._prompt_runs import load_inputs
+
+    inputs = load_inputs(Namespace(model=model, reference=reference, prompts=prompts,
+                                   heldout=heldout))
+    held = inputs.heldout
+    labels = {spec.text: spec.label for spec in inputs.prompts if spec.label is not None}
+    heldout_pair = None
+    if held is not None:
+        heldout_pair = (held.latents, held.labels if labels else None)
+    folder = inputs.folder
+    name = name or ("prompt testbed" if str(model) == "prompt" else folder.name)
+    what = "held-out data: distances relative to it" if held is not None else "no held-out set"
+    return StudioModel(name, inputs.pipe, inputs.reference, "prompt",
+                       description=f"{folder.name}: {type(inputs.pipe).__name__} with its "
+                                   f"training set ({len(inputs.reference)} latents; {what}). "
+                                   "Novelty steering needs class labels, so it is not offered "
+                                   "for prompt models; attractor steering is.",
+                       heldout=heldout_pair, call=dict(inputs.call),
+                       prompts=tuple(spec.text for spec in inputs.prompts), prompt_labels=labels)
+
+
 def _class_names(info) -> tuple[str, ...]:
     classes = sorted(set(info.rare_classes) | set(info.frequent_classes))
     return tuple(f"{c} · {'rare' if c in info.rare_classes else 'frequent'}"
@@ -288,14 +345,16 @@ def _run_arm(name: str, model: StudioModel, request: StudioRequest, guidance: An
         latents = out.images.float()
         images = pipe.decode(latents, "np")
     else:
-        out = pipe(prompt=[request.prompt] * request.num_samples, output_type="np", **common)
-        latents, images = torch.from_numpy(np.asarray(out.images)), out.images
+        out = pipe(prompt=[request.prompt] * request.num_samples, output_type="latent",
+                   **model.call, **common)
+        latents = _unpacked(pipe, model, out.images.float())
+        images = _decode(pipe, latents)
     seconds = time.perf_counter() - start
     nearest = None
     final = out.telemetry.final
-    if final is not None and hasattr(pipe, "decode"):
+    if final is not None and model.reference is not None:
         index = final.nearest_index.to(model.reference.latents.device)
-        nearest = pipe.decode(model.reference.latents[index].float(), "np")
+        nearest = _decode(pipe, model.reference.latents[index].float())
     judged = None
     if model.digits and tuple(latents.shape[1:]) == (1, 8, 8):
         from steersample.evaluation.judge import classify
@@ -304,6 +363,28 @@ def _run_arm(name: str, model: StudioModel, request: StudioRequest, guidance: An
     return ArmResult(name, np.asarray(images, dtype=np.float32), latents.cpu(), seeds,
                      out.telemetry, seconds, guidance, nearest, judged,
                      _relative_distances(model, request, latents))
+
+
+def _unpacked(pipe, model: StudioModel, latents: torch.Tensor) -> torch.Tensor:
+    """Flux returns packed latents ``(B, L, 4C)``; the store and the VAE want ``(B, C, H, W)``."""
+    if latents.dim() != 3:
+        return latents
+    f = pipe.vae_scale_factor
+    height = int(model.call.get("height") or pipe.default_sample_size * f)
+    width = int(model.call.get("width") or pipe.default_sample_size * f)
+    return pipe._unpack_latents(latents, height, width, f)
+
+
+def _decode(pipe, latents: torch.Tensor) -> np.ndarray:
+    """Latents in the transformer's layout -> ``(B, H, W, C)`` float images in [0, 1]."""
+    if hasattr(pipe, "decode"):
+        return pipe.decode(latents, "np")
+    vae = pipe.vae
+    shift = vae.config.get("shift_factor") or 0.0
+    with torch.no_grad():
+        x = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
+        images = vae.decode(x, return_dict=False)[0]
+    return pipe.image_processor.postprocess(images.float(), output_type="np")
 
 
 def _relative_distances(model: StudioModel, request: StudioRequest,
@@ -315,8 +396,9 @@ def _relative_distances(model: StudioModel, request: StudioRequest,
 
     images, labels = model.heldout
     x = latents.float().to(model.reference.latents.device)
-    if labels is not None and model.reference.labels is not None and request.class_id is not None:
-        mine = torch.full((x.shape[0],), request.class_id, dtype=torch.long)
+    label = model.label(request)
+    if labels is not None and model.reference.labels is not None and label is not None:
+        mine = torch.full((x.shape[0],), label, dtype=torch.long)
         values = relative_distance(x, model.reference, images, labels=mine, heldout_labels=labels)
     else:
         values = relative_distance(x, model.reference, images)
@@ -331,7 +413,7 @@ def run_comparison(model: StudioModel, request: StudioRequest) -> Comparison:
             or the pipeline rejects an argument.
     """
     needs_boundary = request.window_relative or request.schedule in ("phase-aware", "profile")
-    profile = model.profile(request.class_id) if model.reference is not None else None
+    profile = model.profile(model.label(request)) if model.reference is not None else None
     boundary = None if profile is None else float(profile.boundary_sigma)
     if needs_boundary and model.reference is None:
         raise ValueError(f"model {model.name!r} has no training set, so it has no phase boundary "

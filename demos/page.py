@@ -66,13 +66,27 @@ def _slider(name: str, **overrides: Any) -> gr.Slider:
     return gr.Slider(**options)
 
 
-def _model_controls(model: StudioModel) -> tuple:
-    """Updates for (class, prompt, description, shift) when ``model`` is selected."""
+def _model_controls(model: StudioModel, steering: str | None = None) -> tuple:
+    """Updates for (class, prompt, prompt chooser, description, shift, steering) when ``model``
+    is selected (a prompt model starts on its first prompt and offers only the steerers that
+    need no class labels)."""
     is_class = model.kind == "class"
     choices = [(name, c) for c, name in enumerate(model.class_names)]
+    offered = model.steerers
+    keep = steering if steering in offered else ("attractor" if "attractor" in offered
+                                                  else offered[0])
+    first_prompt = model.prompts[0] if model.prompts else None
     return (gr.update(choices=choices, value=model.default_class, visible=is_class),
-            gr.update(visible=not is_class), gr.update(value=model.description),
-            gr.update(value=model.shift))
+            gr.update(visible=not is_class) if is_class or first_prompt is None
+            else gr.update(visible=True, value=first_prompt),
+            gr.update(choices=list(model.prompts), value=first_prompt,
+                      visible=bool(model.prompts)),
+            gr.update(value=model.description),
+            gr.update(value=model.shift), gr.update(choices=offered, value=keep))
+
+
+def _kind(served: Mapping[str, StudioModel], name: Any) -> str:
+    return served[name].kind if name in served else "class"
 
 
 def _window_visibility(relative: bool) -> tuple:
@@ -88,14 +102,15 @@ def _class_name(model: StudioModel, class_id: Any) -> str | None:
         return str(class_id)
 
 
-def _preset_text(values: Mapping[str, Any], clicked: str | None, shift: float) -> str:
+def _preset_text(values: Mapping[str, Any], clicked: str | None, shift: float,
+                 kind: str = "class") -> str:
     """The line under the preset buttons: the active preset and what it does, or what moved."""
-    active = active_preset(values, shift)
+    active = active_preset(values, shift, kind)
     if active is not None:
         return f"Preset **{active}** is active: {PRESET_DESCRIPTIONS[active]}."
     if clicked in PRESETS:
         moved = [describe_change(k, then, now) for k, then, now in
-                 preset_changes(clicked, values, shift)]
+                 preset_changes(clicked, values, shift, kind)]
         return (f"Custom settings: moved away from **{clicked}** ({'; '.join(moved)}). "
                 "Click a preset to return to it.")
     return "Custom settings (no preset matches)."
@@ -120,7 +135,8 @@ def build_page(served: Mapping[str, StudioModel]) -> gr.Blocks:
     first = next(iter(served.values()))
     downloads = DownloadFolder()
     atexit.register(downloads.cleanup)
-    best = preset_values("best steering", LIMITS["guidance_scale"].default, first.shift)
+    best = preset_values("best steering", LIMITS["guidance_scale"].default, first.shift,
+                         first.kind)
 
     def generate(model: str, class_id: int | None, prompt: str | None, seed: float,
                  num_samples: float, steps: float, guidance_scale: float, scale_above: float,
@@ -135,7 +151,8 @@ def build_page(served: Mapping[str, StudioModel]) -> gr.Blocks:
             request = parse_request(values, models=served)
             random_seed = values["seed"] == RANDOM_SEED and not isinstance(values["seed"], bool)
             comparison = run_comparison(served[request.model], request)
-            preset = active_preset(values, served[request.model].shift)
+            preset = active_preset(values, served[request.model].shift,
+                                   served[request.model].kind)
             report, sheet = write_downloads(comparison, downloads.new(), preset, random_seed)
             plot = phase_html(comparison)
         except (ValueError, TypeError, FileNotFoundError) as err:
@@ -176,7 +193,13 @@ def build_page(served: Mapping[str, StudioModel]) -> gr.Blocks:
                                            label="Class", visible=first.kind == "class",
                                            elem_id="class")
                     prompt = gr.Textbox(label="Prompt", visible=first.kind == "prompt",
-                                        max_lines=2)
+                                        max_lines=2, elem_id="prompt",
+                                        value=first.prompts[0] if first.prompts else "",
+                                        info="free text, or pick a training prompt")
+                prompt_choice = gr.Dropdown(list(first.prompts),
+                                            value=first.prompts[0] if first.prompts else None,
+                                            label="Training prompts (from the prompts file)",
+                                            visible=bool(first.prompts), elem_id="prompt-choice")
                 model_info = gr.Markdown(first.description)
                 with gr.Row(equal_height=True):
                     seed = gr.Number(value=LIMITS["seed"].default, precision=0, label="Seed",
@@ -223,7 +246,7 @@ def build_page(served: Mapping[str, StudioModel]) -> gr.Blocks:
                         navigation_fraction = _slider("navigation_fraction",
                                                       visible=best["schedule"] == "phase-aware")
                     with gr.Row():
-                        steering = gr.Dropdown(steerer_names(), value=best["steering"],
+                        steering = gr.Dropdown(first.steerers, value=best["steering"],
                                                label="Steering method", elem_id="steering")
                         strength = _slider("strength",
                                            value=best.get("strength", LIMITS["strength"].default),
@@ -267,11 +290,11 @@ def build_page(served: Mapping[str, StudioModel]) -> gr.Blocks:
             values = dict(zip(_REQUEST_FIELDS, raw))
             shift_now = served[values["model"]].shift if values["model"] in served else 1.0
             text, stale = _run_text(last, values)
-            active = active_preset(values, shift_now)
+            active = active_preset(values, shift_now, _kind(served, values["model"]))
             buttons = [gr.update(elem_classes=["active-preset"] if p == active else [])
                        for p in PRESETS]
             return (gr.update(value=text, elem_classes=["stale"] if stale else []),
-                    _preset_text(values, clicked, shift_now),
+                    _preset_text(values, clicked, shift_now, _kind(served, values["model"])),
                     gr.update(elem_classes=["stale-results"] if stale else []), *buttons)
 
         state_outputs = [run_info, preset_info, gallery, *preset_buttons.values()]
@@ -325,7 +348,7 @@ def build_page(served: Mapping[str, StudioModel]) -> gr.Blocks:
             absolute_row, relative_row, navigation_fraction, clicked_preset]
 
         def apply_preset(preset: str, w: float, model_name: str) -> list:
-            values = preset_values(preset, w, served[model_name].shift)
+            values = preset_values(preset, w, served[model_name].shift, served[model_name].kind)
             updates = [gr.update(value=values[c]) if c in values else gr.update()
                        for c in _PRESET_CONTROLS]
             relative = values.get("window_relative")
@@ -348,8 +371,10 @@ def build_page(served: Mapping[str, StudioModel]) -> gr.Blocks:
                               else LIMITS["shift"].info))
 
         schedule.change(schedule_controls, schedule, [navigation_fraction, shift], **private)
-        model.change(lambda m: _model_controls(served[m]), model,
-                     [class_id, prompt, model_info, shift], **private)
+        model.change(lambda m, s: _model_controls(served[m], s), [model, steering],
+                     [class_id, prompt, prompt_choice, model_info, shift, steering], **private)
+        prompt_choice.input(lambda p: gr.update(value=p) if p else gr.update(), prompt_choice,
+                            prompt, **private)
         dice.click(lambda n: random.randrange(0, LIMITS["seed"].maximum - int(n or 1) + 2),
                    num_samples, seed, **private)
 

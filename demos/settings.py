@@ -34,6 +34,8 @@ __all__ = [
     "parse_request",
     "plan_runs",
     "steerer_names",
+    "steerers_for",
+    "CLASS_ONLY_STEERERS",
     "steerer_strength_parameter",
     "steerer_summary",
     "steerer_default_strength",
@@ -132,6 +134,19 @@ def steerer_names() -> list[str]:
     return sorted(_registry(), key=lambda name: (name != "none", name))
 
 
+CLASS_ONLY_STEERERS: dict[str, str] = {
+    "novelty": "NoveltySteering needs class labels (its class model and per-class distances), "
+               "so prompt models do not offer it; use attractor",
+}
+"""Steerers that need class labels, with why: not offered for prompt (text-to-image) models."""
+
+
+def steerers_for(kind: str) -> list[str]:
+    """The steering methods a model of ``kind`` (``"class"`` or ``"prompt"``) offers."""
+    names = steerer_names()
+    return names if kind == "class" else [n for n in names if n not in CLASS_ONLY_STEERERS]
+
+
 def steerer_strength_parameter(name: str) -> str | None:
     """The constructor argument the strength slider sets for steerer ``name``, or None.
 
@@ -207,12 +222,19 @@ def _best_steering_preset(guidance_scale: float) -> dict[str, Any]:
     return values
 
 
-def preset_values(name: str, guidance_scale: float, model_shift: float = 1.0) -> dict[str, Any]:
-    """Control values of preset ``name`` (the plain preset also restores the model's shift)."""
+def preset_values(name: str, guidance_scale: float, model_shift: float = 1.0,
+                  kind: str = "class") -> dict[str, Any]:
+    """Control values of preset ``name`` (the plain preset also restores the model's shift).
+
+    For a prompt model (``kind="prompt"``) "best steering" uses attractor steering at its
+    default strength where compare's steerer needs class labels."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
     if name == "best steering":
         values = _best_steering_preset(guidance_scale)
+        if values.get("steering") not in steerers_for(kind):
+            values["steering"] = "attractor"
+            values["strength"] = steerer_default_strength("attractor") or LIMITS["strength"].default
     else:
         values = dict(PRESETS[name])
     values.setdefault("shift", model_shift)
@@ -331,6 +353,10 @@ def parse_request(values: Mapping[str, Any], *, models: Mapping[str, Any]) -> St
     names = steerer_names()
     if values["steering"] not in names:
         raise ValueError(f"Steering: unknown method {values['steering']!r}; choose one of {names}")
+    if values["steering"] not in steerers_for(model.kind):
+        raise ValueError(f"Steering {values['steering']!r}: "
+                         f"{CLASS_ONLY_STEERERS[values['steering']]} (model {name!r} is a "
+                         f"text-to-image model; it offers {steerers_for(model.kind)})")
     return StudioRequest(model=name, class_id=class_id, prompt=prompt, window_relative=relative,
                          schedule=values["schedule"], steering=values["steering"], **numbers_)
 

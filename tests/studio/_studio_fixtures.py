@@ -62,3 +62,19 @@ def serve(demo):
         yield url
     finally:
         demo.close()
+
+
+PROMPT_MODEL = "prompt testbed"
+
+# a fast request on the shipped prompt testbed: 2 samples, 6 steps, attractor steering
+PROMPT_REQUEST = {**FAST_REQUEST, "model": PROMPT_MODEL, "class_id": None,
+                  "prompt": "a digit two", "steps": 6, "window_lo": 0.0, "window_hi": 1.0,
+                  "steering": "attractor"}
+
+
+def prompt_model():
+    """The shipped prompt testbed (``--model prompt``) with its reference, held-out set and
+    prompts, as ``steersample demo --model prompt`` serves it."""
+    from steersample.studio.engine import load_prompt_model
+
+    return load_prompt_model("prompt")
