@@ -26,7 +26,7 @@ import pytest
 pytest.importorskip("gradio")
 playwright = pytest.importorskip("playwright.sync_api")
 
-from _studio_fixtures import serve, tiny_model  # noqa: E402
+from _studio_fixtures import prompt_model, serve, tiny_model  # noqa: E402
 from steersample.studio import page as page_module  # noqa: E402
 from steersample.studio.settings import steerer_names  # noqa: E402
 
@@ -38,6 +38,7 @@ pytestmark = [
 ]
 SAMPLES = 4
 TIMEOUT_MS = 120_000
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 
 def _studio():
@@ -83,6 +84,28 @@ def _shot(page, name: str, folder: Path) -> Path:
 
 
 @pytest.fixture
+def chromium():
+    """A headless Chromium page (1024 px wide), closed afterwards."""
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1024, "height": 900})
+            page.set_default_timeout(TIMEOUT_MS)
+            yield page
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def prompt_studio():
+    """The studio serving the shipped prompt testbed (``steersample demo --model prompt``)."""
+    from steersample.studio.app import build_app
+
+    with serve(build_app(models=[prompt_model()])) as url:
+        yield url
+
+
+@pytest.fixture
 def gate(monkeypatch):
     """Runs wait on this event while it is clear (set by default)."""
     event = threading.Event()
@@ -103,8 +126,7 @@ def test_studio_in_headless_chromium(tmp_path, gate):
     folder.mkdir(parents=True, exist_ok=True)
     with serve(demo) as url, playwright.sync_playwright() as p:
         browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            executable_path=CHROMIUM, args=BROWSER_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1024, "height": 900},
                                     accept_downloads=True)
@@ -255,3 +277,42 @@ def test_studio_in_headless_chromium(tmp_path, gate):
         finally:
             browser.close()
     assert (folder / "studio.png").stat().st_size > 10_000
+
+
+def test_prompt_studio_in_headless_chromium(prompt_studio, chromium):
+    """A prompt picked from the chooser runs; each seed's plain and steered tile share a row
+    and show the sample beside its nearest training image (decoded from the store)."""
+    page = chromium
+    page.goto(prompt_studio, wait_until="load")
+    page.wait_for_selector("#generate")
+    box = page.locator("#prompt textarea, #prompt input").first
+    page.wait_for_function("() => document.querySelector('#steering input').value === 'attractor'")
+    page.locator("#prompt-choice input").click()
+    page.get_by_role("option", name="a digit two", exact=True).click()
+    page.wait_for_function(
+        "() => { const b = document.querySelector('#prompt textarea, #prompt input');"
+        " return b && b.value === 'a digit two'; }")
+    assert box.input_value() == "a digit two"
+    _set_number(page, "num-samples", 2)
+    _set_number(page, "steps", 6)
+    page.locator("#generate").click()
+    page.wait_for_function(
+        "() => { const imgs = document.querySelectorAll('#results-gallery .thumbnail-item img');"
+        " return imgs.length === 4 && imgs[0].alt.includes('seed 0:')"
+        " && imgs[0].naturalWidth > 0; }")
+    page.wait_for_function("() => !document.querySelector('#generate').disabled")
+    assert "a digit two" in page.locator("#run-info").inner_text()
+    tiles = _tiles(page)
+    for k in range(2):
+        plain, steered = tiles.nth(2 * k), tiles.nth(2 * k + 1)
+        assert plain.get_attribute("alt").startswith(f"plain · seed {k}:")
+        assert steered.get_attribute("alt").startswith(f"steered · seed {k}:")
+        a, b = plain.bounding_box(), steered.bounding_box()
+        assert abs(a["y"] - b["y"]) < 1 and a["x"] + a["width"] <= b["x"]
+        for tile in (plain, steered):
+            alt = tile.get_attribute("alt")
+            assert "nearest training image #" in alt and "held-out" in alt
+            assert "COPY" in alt or "novel" in alt
+            # the sample and its nearest training image side by side: a wide tile
+            width, height = tile.evaluate("e => [e.naturalWidth, e.naturalHeight]")
+            assert width > height
