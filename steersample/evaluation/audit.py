@@ -89,7 +89,7 @@ def default_grid(w: float) -> tuple[Method, ...]:
     grid += [Method("representation-0.5", "representation", 0.5, plain,
                     (RepresentationSteering(strength=0.5),))]
     grid += [Method("novelty", "novelty", 1.0, plain, (NoveltySteering(),))]
-    grid += [Method(f"novelty-target-{t:g}", "novelty", t, plain, (NoveltySteering(target_scale=t),))
+    grid += [Method(f"novelty-target-{t:g}", "novelty", t, plain, (NoveltySteering(strength=t),))
              for t in (0.92, 0.85)]
     grid += [
         Method("attractor-0.5+jain-delayed", "combination", 0.5, delayed, (ar(0.5),)),

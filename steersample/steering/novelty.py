@@ -143,6 +143,9 @@ class NoveltySteering:
     """Scarce-class samples at the distance unseen data has from the training set (module doc).
 
     Args:
+        strength: multiplies every distance target (1: the data-derived target; lower values
+            keep samples nearer the training set and the data, trading distance for precision,
+            see the README's frontier; above 1, farther).
         sigma_nav: σ at and below which scarce samples leave the run's guidance (default 0.9).
         classifier_scale: λ of the Gaussian class model's guidance (1: its exact posterior).
         clean_sigma: σ at and below which the model's class direction comes back (0.25).
@@ -153,29 +156,28 @@ class NoveltySteering:
         iterations: push-and-clip repetitions per step (3).
         scarce: classes with fewer reference samples than this are steered; None: a quarter of
             the median class count of the reference set.
-        target_scale: multiplies every distance target (1: the data-derived target; lower
-            values trade distance for precision, see the README's frontier).
     """
 
     name: ClassVar[str] = "novelty"
     needs_reference: ClassVar[bool] = True
 
-    def __init__(self, sigma_nav: float = 0.9, classifier_scale: float = 1.0,
+    def __init__(self, strength: float = 1.0, sigma_nav: float = 0.9, classifier_scale: float = 1.0,
                  clean_sigma: float = 0.25, clean_scale: float = 1.0, push_sigma: float = 0.35,
                  neighbours: int = 48, directions: int | None = None, iterations: int = 3,
-                 scarce: int | None = None, target_scale: float = 1.0) -> None:
+                 scarce: int | None = None) -> None:
         self.sigma_nav = _sigma(sigma_nav, "sigma_nav")
         self.clean_sigma = _sigma(clean_sigma, "clean_sigma")
         self.push_sigma = _sigma(push_sigma, "push_sigma")
         for name, value in (("classifier_scale", classifier_scale), ("clean_scale", clean_scale),
-                            ("target_scale", target_scale)):
+                            ("strength", strength)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
                     math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if target_scale == 0:
-            raise ValueError("target_scale must be > 0 (it multiplies the distance targets)")
+        if strength == 0:
+            raise ValueError("strength must be > 0 (it multiplies the distance targets); "
+                             "for no steering pass steering=None")
         self.classifier_scale, self.clean_scale = float(classifier_scale), float(clean_scale)
-        self.target_scale = float(target_scale)
+        self.strength = float(strength)
         self.neighbours = _count(neighbours, "neighbours", 2)
         self.directions = (max(1, self.neighbours // 4) if directions is None
                            else _count(directions, "directions", 1))
@@ -183,11 +185,10 @@ class NoveltySteering:
         self.scarce = None if scarce is None else _count(scarce, "scarce", 0)
 
     def __repr__(self) -> str:
-        return (f"NoveltySteering(sigma_nav={self.sigma_nav:g}, classifier_scale="
+        return (f"NoveltySteering(strength={self.strength:g}, sigma_nav={self.sigma_nav:g}, classifier_scale="
                 f"{self.classifier_scale:g}, clean_sigma={self.clean_sigma:g}, clean_scale="
                 f"{self.clean_scale:g}, push_sigma={self.push_sigma:g}, neighbours={self.neighbours}, "
-                f"directions={self.directions}, iterations={self.iterations}, scarce={self.scarce}, "
-                f"target_scale={self.target_scale:g})")
+                f"directions={self.directions}, iterations={self.iterations}, scarce={self.scarce})")
 
     def bind(self, pipeline: Any) -> "NoveltyRun":
         """The per-run steerer (holds the fit, quantiles and targets); the loop calls this."""
@@ -270,7 +271,7 @@ class NoveltySteering:
             for c in torch.unique(lab[steer]).tolist():
                 mask = steer & (lab == c)
                 quantiles = memory["u"][mask].clamp(0, 1)
-                target[mask] = self.target_scale * torch.quantile(fit.loo[fit.labels == c], quantiles)
+                target[mask] = self.strength * torch.quantile(fit.loo[fit.labels == c], quantiles)
             memory["target"] = target
         return memory["target"]
 

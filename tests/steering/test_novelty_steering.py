@@ -71,7 +71,7 @@ def test_push_reaches_the_target_inside_the_tangent_space():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"sigma_nav": 1.5}, "sigma_nav"), ({"push_sigma": -0.1}, "push_sigma"),
-    ({"neighbours": 1}, "neighbours"), ({"target_scale": 0}, "target_scale"),
+    ({"neighbours": 1}, "neighbours"), ({"strength": 0}, "strength"),
     ({"classifier_scale": float("nan")}, "classifier_scale"), ({"iterations": 0}, "iterations"),
 ])
 def test_bad_arguments_name_the_fix(kwargs, match):
