@@ -237,7 +237,9 @@ def load_prompt_model(model: str | Path, reference: str | Path | None = None,
                                    f"training set ({len(inputs.reference)} latents; {what}). "
                                    "Novelty steering needs class labels, so it is not offered "
                                    "for prompt models; attractor steering is.",
-                       heldout=heldout_pair, call=dict(inputs.call),
+                       heldout=heldout_pair,
+                       call={**inputs.call, **({"negative_prompt": ""} if inputs.kind == "flux"
+                                               else {})},
                        prompts=tuple(spec.text for spec in inputs.prompts), prompt_labels=labels)
 
 
@@ -345,8 +347,11 @@ def _run_arm(name: str, model: StudioModel, request: StudioRequest, guidance: An
         latents = out.images.float()
         images = pipe.decode(latents, "np")
     else:
+        call = dict(model.call)
+        if isinstance(call.get("negative_prompt"), str):   # Flux: true CFG, as compare runs it
+            call["negative_prompt"] = [call["negative_prompt"]] * request.num_samples
         out = pipe(prompt=[request.prompt] * request.num_samples, output_type="latent",
-                   **model.call, **common)
+                   **call, **common)
         latents = _unpacked(pipe, model, out.images.float())
         images = _decode(pipe, latents)
     seconds = time.perf_counter() - start

@@ -140,3 +140,31 @@ def test_demo_command_refuses_bad_inputs_before_serving(tmp_path):
         demo.run(args(model=[demo.Path("prompt")], prompts=empty))
     with pytest.raises(ValueError, match="exactly one"):
         demo.run(args(reference=_bad_reference(tmp_path)))
+
+
+def test_a_flux_folder_is_served_with_its_store_unpacked_and_guided(tmp_path):
+    """Flux samples packed latents; tiles and distances use the store's (C, H, W) layout, and
+    classifier-free guidance runs (an empty negative prompt, as compare runs it)."""
+    import json
+
+    from steersample.reference.reference_set import ReferenceSet
+    from steersample.testing import tiny_flux_pipeline
+
+    tiny_flux_pipeline().save_pretrained(tmp_path / "flux")
+    (tmp_path / "flux" / "metadata.json").write_text(json.dumps(
+        {"call": {"height": 16, "width": 16, "max_sequence_length": 8}}))
+    g = torch.Generator().manual_seed(0)
+    ReferenceSet(torch.randn(6, 1, 16, 16, generator=g)).save(tmp_path / "ref.safetensors")
+    ReferenceSet(torch.randn(6, 1, 16, 16, generator=g)).save(tmp_path / "held.safetensors")
+    (tmp_path / "p.txt").write_text("a cat\na fox\n")
+    flux = load_prompt_model(tmp_path / "flux", tmp_path / "ref.safetensors", tmp_path / "p.txt",
+                             tmp_path / "held.safetensors")
+    assert flux.prompts == ("a cat", "a fox")
+    request = parse_request({**PROMPT_REQUEST, "model": flux.name, "prompt": "a fox",
+                             "steps": 2, "window_lo": 0.5}, models={flux.name: flux})
+    comparison = run_comparison(flux, request)
+    assert tuple(comparison.plain.latents.shape) == (2, 1, 16, 16)
+    assert comparison.plain.model_evals == 4   # cond and uncond at each of 2 steps
+    for arm in (comparison.plain, comparison.steered):
+        assert arm.nearest_images.shape == arm.images.shape == (2, 16, 16, 3)
+        assert len(arm.relative_distances) == 2 and len(arm.ratios) == 2
