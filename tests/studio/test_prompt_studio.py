@@ -168,3 +168,14 @@ def test_a_flux_folder_is_served_with_its_store_unpacked_and_guided(tmp_path):
     for arm in (comparison.plain, comparison.steered):
         assert arm.nearest_images.shape == arm.images.shape == (2, 16, 16, 3)
         assert len(arm.relative_distances) == 2 and len(arm.ratios) == 2
+
+
+def test_picking_the_prompt_model_offers_its_prompts_and_drops_novelty(model):
+    from steersample.studio.page import _model_controls
+
+    class_box, prompt, chooser, info, shift, steering = _model_controls(model, "novelty")
+    assert class_box["visible"] is False
+    assert prompt["visible"] is True and prompt["value"] == "a digit zero"
+    assert chooser["visible"] is True and "a digit two" in chooser["choices"]
+    assert "novelty" not in steering["choices"] and steering["value"] == "attractor"
+    assert _model_controls(model, "none")[5]["value"] == "none"
