@@ -88,10 +88,22 @@ class GaussianClassModel:
         return out
 
     def log_posterior(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        """``(B, K)`` log p(k | x_σ) for flattened ``x`` ``(B, D)`` at noise level ``sigma < 1``."""
+        """``(B, K)`` log p(k | x_σ) for flattened ``x`` ``(B, D)`` at noise level ``sigma < 1``.
+
+        The Mahalanobis distances are expanded in the eigenbasis of ``Σ_w``,
+        ``Σ_j (p_j(y) − p_j(μ_k))² / (λ_j + τ²)`` plus the isotropic rest, so the cost is one
+        ``(B, D) × (D, r)`` product, not a ``(B, K, D)`` tensor through the inverse.
+        """
         tau2 = (sigma / (1.0 - sigma)) ** 2
-        diff = x[:, None, :] / (1.0 - sigma) - self.means[None]
-        maha = (diff * self._inverse(diff, tau2)).sum(-1)
+        y = x / (1.0 - sigma)
+        py, pm = y @ self.evecs, self.means @ self.evecs
+        w = 1.0 / (self.evals + tau2)
+        maha = ((py * py * w).sum(1, keepdim=True) - 2.0 * (py * w) @ pm.T
+                + (pm * pm * w).sum(1)[None])
+        if self.iso > 0:   # ‖z‖² − ‖p(z)‖² of z = y − μ_k, over the isotropic variance
+            rest = ((y * y).sum(1, keepdim=True) - 2.0 * y @ self.means.T + (self.means ** 2).sum(1)[None]
+                    - (py * py).sum(1, keepdim=True) + 2.0 * py @ pm.T - (pm * pm).sum(1)[None])
+            maha = maha + rest.clamp_min(0.0) / (self.iso + tau2)
         return torch.log_softmax(-0.5 * maha + self.log_prior, dim=1)
 
     def velocity_guidance(self, x: torch.Tensor, sigma: float, labels: torch.Tensor) -> torch.Tensor:

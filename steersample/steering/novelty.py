@@ -58,6 +58,8 @@ from steersample.steering.class_model import GaussianClassModel
 if TYPE_CHECKING:  # pragma: no cover
     from steersample.sampling.protocol import StepState
 
+_BRUTE_FORCE = 1 << 24   # reference elements (N·D) up to which k-NN is one exact matrix product
+
 __all__ = ["NoveltySteering", "NoveltyRun", "leave_one_out_distances", "push_to_distance",
            "top_eigenpairs"]
 
@@ -76,6 +78,11 @@ def _count(value: Any, name: str, low: int) -> int:
 
 def leave_one_out_distances(reference: ReferenceSet) -> torch.Tensor:
     """``(N,)`` float64: each reference sample's distance to its nearest *other* sample."""
+    n = len(reference)
+    if n * max(n, reference.dim) <= _BRUTE_FORCE:   # small: one exact float64 distance matrix
+        flat = reference.latents.reshape(n, -1).detach().to("cpu", torch.float64)
+        dist = torch.cdist(flat, flat).fill_diagonal_(math.inf)
+        return dist.min(1).values
     dist, idx = reference.nearest(reference.latents, k=2)
     dist, idx = torch.as_tensor(dist).cpu().double(), torch.as_tensor(idx).cpu()
     self_first = idx[:, 0] == torch.arange(len(reference))
@@ -89,17 +96,21 @@ def top_eigenpairs(gram: torch.Tensor, r: int, oversample: int = 8,
     Block power iteration on ``r + oversample`` columns from a fixed start, then Rayleigh-Ritz
     (Halko, Martinsson & Tropp, arXiv 0909.4061): the subspace error shrinks like
     ``(λ_{r+p+1} / λ_r)^iterations``; several times cheaper than a full batched ``eigh`` for
-    the many small Gram matrices of one step. Exact (a full ``eigh``) when ``r + oversample >= K``.
+    the many small Gram matrices of one step. The columns are re-orthonormalised after every
+    second product (the batched QR of small matrices, not the products, is what costs; two
+    products lose at most ``(λ_1/λ_{r+p})²`` of float64's precision). Exact (a full ``eigh``)
+    when ``r + oversample >= K``.
     """
     k = gram.shape[-1]
     width = r + oversample
     if width >= k:
         lam, vec = torch.linalg.eigh(gram)
         return lam[:, -r:], vec[:, :, -r:]
-    start = torch.randn(k, width, generator=torch.Generator().manual_seed(0), dtype=gram.dtype)
-    q = torch.linalg.qr(gram @ start.to(gram.device)).Q
-    for _ in range(iterations - 1):
-        q = torch.linalg.qr(gram @ q).Q
+    q = torch.randn(k, width, generator=torch.Generator().manual_seed(0), dtype=gram.dtype).to(gram.device)
+    for i in range(iterations):
+        q = gram @ q
+        if i % 2 == 1 or i == iterations - 1:
+            q = torch.linalg.qr(q).Q
     lam, w = torch.linalg.eigh(q.transpose(1, 2) @ gram @ q)
     return lam[:, -r:], (q @ w)[:, :, -r:]
 
@@ -137,6 +148,22 @@ class _Fit:
     labels: torch.Tensor     # (N,)
     lo: torch.Tensor         # (D,) per-coordinate minimum of the reference
     hi: torch.Tensor         # (D,) per-coordinate maximum
+    flat: torch.Tensor | None   # (N, D) float64 reference for exact brute-force k-NN, when small
+    sq: torch.Tensor | None     # (N,) its squared norms
+
+    def nearest(self, ref: ReferenceSet, x0: torch.Tensor, shape: tuple[int, ...],
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(b, k)`` indices of the ``k`` nearest reference samples of flat ``x0`` and their rows
+        ``(b, k, D)`` float64: one matrix product when the set is small (``_BRUTE_FORCE``),
+        else :meth:`ReferenceSet.nearest` (its FAISS search)."""
+        if self.flat is None:
+            _, idx = ref.nearest(x0.to(ref.latents.dtype).reshape(x0.shape[0], *shape), k=k)
+            idx = idx.cpu()
+            rows = ref.rows(idx.flatten()).detach().to("cpu", torch.float64)
+            return idx, rows.reshape(x0.shape[0], k, -1)
+        d2 = (x0 * x0).sum(1, keepdim=True) - 2.0 * x0 @ self.flat.T + self.sq[None]
+        idx = torch.topk(d2, k, dim=1, largest=False, sorted=True).indices
+        return idx, self.flat[idx]
 
 
 class NoveltySteering:
@@ -205,9 +232,11 @@ class NoveltySteering:
         counts = torch.bincount(labels)
         present = counts[counts > 0].double()
         scarce = self.scarce if self.scarce is not None else int(present.median().item() / 4)
+        small = flat.numel() <= _BRUTE_FORCE
         return _Fit(GaussianClassModel.fit(reference), counts, scarce,
                     leave_one_out_distances(reference), labels, flat.min(0).values,
-                    flat.max(0).values)
+                    flat.max(0).values, flat if small else None,
+                    (flat * flat).sum(1) if small else None)
 
     def step(self, state: "StepState", memory: dict) -> SteeringOutput:
         """Adjust ``state.pred`` for the scarce-class samples (``memory``: the run's state)."""
@@ -279,19 +308,20 @@ class NoveltySteering:
               shape: tuple[int, ...], fit: _Fit) -> torch.Tensor:
         """Distance floor: push-and-clip ``iterations`` times along the local tangent space."""
         k = min(self.neighbours, len(ref))
-        full_shape = (x0.shape[0], *shape)
-        _, idx = ref.nearest(x0.to(ref.latents.dtype).reshape(full_shape), k=k)
-        near = ref.rows(idx.flatten()).detach().to("cpu", torch.float64).reshape(x0.shape[0], k, -1)
-        centred = near - near.mean(1, keepdim=True)
-        # principal directions from the K x K Gram matrix (cheap for any D)
+        _, near = fit.nearest(ref, x0, shape, k)
+        # principal directions from the K x K Gram matrix of the centred neighbours (cheap for
+        # any D): H G H with H = I − 11ᵀ/K, and basis = centredᵀ q Λ^-½ = nearᵀ (q − q̄) Λ^-½
+        gram = near @ near.transpose(1, 2)
+        row = gram.mean(2, keepdim=True)
+        gram = gram - row - row.transpose(1, 2) + row.mean(1, keepdim=True)
         r = min(self.directions, k - 1)
-        lam, q = top_eigenpairs(centred @ centred.transpose(1, 2), r)
-        basis = centred.transpose(1, 2) @ q / lam.clamp_min(1e-12).sqrt()[:, None, :]
+        lam, q = top_eigenpairs(gram, r)
+        q = q - q.mean(1, keepdim=True)
+        basis = near.transpose(1, 2) @ q / lam.clamp_min(1e-12).sqrt()[:, None, :]
         anchor = near[:, 0]
         for it in range(self.iterations):
             if it:
-                _, j = ref.nearest(x0.to(ref.latents.dtype).reshape(full_shape), k=1)
-                anchor = ref.rows(j.flatten()).detach().to("cpu", torch.float64)
+                anchor = fit.nearest(ref, x0, shape, 1)[1][:, 0]
             x0 = torch.maximum(torch.minimum(push_to_distance(x0, anchor, basis, target), fit.hi), fit.lo)
         return x0
 

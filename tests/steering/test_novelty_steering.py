@@ -33,6 +33,25 @@ def test_class_posterior_matches_gaussians_with_noise_added():
     assert torch.allclose(model.log_posterior(x, sigma), torch.log_softmax(logp, 1), atol=1e-10)
 
 
+def test_low_rank_class_posterior_matches_gaussians_with_the_isotropic_rest(monkeypatch):
+    from steersample.steering import class_model
+
+    monkeypatch.setattr(class_model, "_LOW_RANK", 4)    # force the rank-r + isotropic path
+    monkeypatch.setattr(class_model, "_RANK", 3)
+    ref = _labelled(dim=9)
+    model = GaussianClassModel.fit(ref)
+    assert model.evecs.shape == (9, 3) and model.iso > 0
+    sigma = 0.25
+    tau2 = (sigma / (1 - sigma)) ** 2
+    v = model.evecs
+    cov = (v @ torch.diag(model.evals) @ v.T + model.iso * (torch.eye(9, dtype=torch.float64) - v @ v.T)
+           + tau2 * torch.eye(9, dtype=torch.float64))
+    x = torch.randn(6, 9, dtype=torch.float64)
+    logp = torch.stack([torch.distributions.MultivariateNormal(m, cov).log_prob(x / (1 - sigma))
+                        for m in model.means], dim=1) + model.log_prior
+    assert torch.allclose(model.log_posterior(x, sigma), torch.log_softmax(logp, 1), atol=1e-9)
+
+
 def test_velocity_guidance_is_minus_sigma_over_one_minus_sigma_times_the_gradient():
     model = GaussianClassModel.fit(_labelled())
     sigma, labels = 0.3, torch.tensor([0, 1, 2, 1])
@@ -53,6 +72,31 @@ def test_leave_one_out_distances_against_brute_force():
     flat = ref.latents.double()
     dist = torch.cdist(flat, flat) + torch.diag(torch.full((30,), math.inf, dtype=torch.float64))
     assert torch.allclose(leave_one_out_distances(ref), dist.min(1).values, atol=1e-5)
+
+
+def test_leave_one_out_distances_agree_between_brute_force_and_the_index(monkeypatch):
+    from steersample.steering import novelty
+
+    ref = _labelled(n=40)
+    brute = leave_one_out_distances(ref)
+    monkeypatch.setattr(novelty, "_BRUTE_FORCE", 0)       # the ReferenceSet.nearest path
+    assert torch.allclose(leave_one_out_distances(ref), brute, atol=1e-5)
+
+
+def test_fit_nearest_agrees_between_brute_force_and_the_reference_index(monkeypatch):
+    from steersample.steering import novelty
+
+    ref = _labelled(n=50, dim=6)
+    x0 = torch.randn(9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    brute = ss.NoveltySteering().fit(ref)
+    monkeypatch.setattr(novelty, "_BRUTE_FORCE", 0)
+    indexed = ss.NoveltySteering().fit(ref)
+    assert brute.flat is not None and indexed.flat is None
+    idx_b, rows_b = brute.nearest(ref, x0, (6,), 5)
+    idx_i, rows_i = indexed.nearest(ref, x0, (6,), 5)
+    assert torch.equal(idx_b, idx_i)
+    assert torch.allclose(rows_b, rows_i, atol=1e-6)
+    assert torch.allclose(rows_b, ref.latents.double()[idx_b], atol=0)
 
 
 def test_push_reaches_the_target_inside_the_tangent_space():
