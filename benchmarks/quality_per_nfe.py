@@ -19,8 +19,11 @@ judged against the held-out real images of each class:
 
 Grids: diffusers' stock grid of the shipped scheduler config (shift 1), shift 3 (SD3's),
 ``PhaseAwareFlowMatchScheduler(phase_boundary=σ*, navigation_fraction=0.6)``, the uniform grid
-that ends at 0 (``σ_i = 1 − i/N``), and ``PhaseAwareFlowMatchScheduler.from_profile(config,
-profile)`` (profile = ``PhaseProfile.estimate(ref)``, seed 0). Every arm runs through the real
+that ends at 0 (``σ_i = 1 − i/N``), ``PhaseAwareFlowMatchScheduler.from_profile(config,
+profile)`` (profile = ``PhaseProfile.estimate(ref)``, seed 0; its default density
+``∝ (1 − λ) + λ·√a``, ``a`` the oracle's trajectory acceleration, λ = 0.5) and the earlier
+``from_profile(config, profile, density="top1")`` (rate of change of the top-1 curve, λ = 0.2,
+"from_profile top1"). Every arm runs through the real
 pipeline with the scheduler swapped in. Seeds are shared across grids (sample i of class c in
 seed group g always starts from the same noise); mean ± sd over the seed groups.
 
@@ -29,9 +32,12 @@ to reach the stock grid's mean FD (linear interpolation of mean FD in NFE betwee
 counts) and the share of evaluations saved. Writes ``docs/quality-per-nfe.png`` (FD against NFE,
 one line per grid) and, with ``--json``, the raw numbers.
 
-``--fit`` instead sweeps the mixing λ of ``profile_sigmas`` on digits with seeds disjoint from
-the benchmark's and prints the λ that minimises the FD relative to the uniform grid, averaged
-over 3-10 steps (how ``DEFAULT_PROFILE_MIXING`` was chosen).
+``--fit`` instead sweeps the mixing λ and the power p of ``acceleration_sigmas`` (density
+``(1 − λ) + λ·a^p/∫a^p``) on digits with seeds disjoint from the benchmark's and prints the
+λ that minimises the FD relative to the uniform grid, averaged over 3-10 steps, at the theory's
+p = 1/2 (how ``DEFAULT_ACCELERATION_MIXING`` was chosen; p = 0.75 and 1 tie with 1/2 within
+0.0002 at their best λ, so the theory's p was kept). The earlier ``DEFAULT_PROFILE_MIXING`` =
+0.2 of the top-1 grid was chosen the same way.
 
 Run: ``python benchmarks/quality_per_nfe.py [--quick] [--testbed digits letters] [--groups 3]``
 (default: both testbeds if letters exists, 3 seed groups of 48 samples per class: about
@@ -57,14 +63,21 @@ from steersample.default import DEFAULT_MODELS, held_out, load_default, load_def
 from steersample.oracle.phases import PhaseProfile
 from steersample.sampling.guidance import GuidanceSchedule
 from steersample.sampling.scheduler import PhaseAwareFlowMatchScheduler
-from steersample.sampling.schedules import DEFAULT_PROFILE_MIXING, profile_sigmas, uniform_sigmas
+from steersample.sampling.schedules import (
+    DEFAULT_ACCELERATION_MIXING,
+    ACCELERATION_POWER,
+    DEFAULT_PROFILE_MIXING,
+    acceleration_sigmas,
+    uniform_sigmas,
+)
 
 __all__ = ["main"]
 
 STEPS = (2, 3, 4, 5, 6, 7, 8, 10, 15, 20, 30)
 QUICK_STEPS = (2, 3, 4, 6, 8, 10, 30)
-FIT_STEPS = (3, 4, 5, 6, 8, 10)
-FIT_MIXINGS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+FIT_STEPS = (3, 4, 5, 6, 7, 8, 10)
+FIT_MIXINGS = (0.3, 0.4, 0.5, 0.6, 0.7)
+FIT_POWERS = (0.5, 0.75, 1.0)
 GUIDANCE = 2.0
 WINDOW = (0.4, 0.9)
 BENCH_SEED, FIT_SEED = 0, 1_000_000
@@ -142,18 +155,20 @@ def load_testbed(name: str) -> Testbed:
 
 
 # ----------------------------------------------------------------------------- grids
-def grids(bed: Testbed, mixing: float = DEFAULT_PROFILE_MIXING) -> dict[str, Callable[[int], tuple]]:
+def grids(bed: Testbed) -> dict[str, Callable[[int], tuple]]:
     """name -> (n -> (scheduler, sigmas or None)): what the pipeline is called with."""
     cfg = bed.config
     stock = FlowMatchEulerDiscreteScheduler.from_config(cfg)
     shift3 = FlowMatchEulerDiscreteScheduler.from_config(cfg, shift=3.0)
     phase = PhaseAwareFlowMatchScheduler.from_config(cfg, phase_boundary=bed.profile, navigation_fraction=0.6)
-    prof = PhaseAwareFlowMatchScheduler.from_profile(cfg, bed.profile, mixing=mixing)
+    top1 = PhaseAwareFlowMatchScheduler.from_profile(cfg, bed.profile, density="top1")
+    prof = PhaseAwareFlowMatchScheduler.from_profile(cfg, bed.profile)
     return {
         "stock (shift 1)": lambda n: (stock, None),
         "shift 3": lambda n: (shift3, None),
         "phase-aware f=0.6": lambda n: (phase, None),
         "uniform to 0": lambda n: (stock, uniform_sigmas(n).tolist()),
+        "from_profile top1": lambda n: (top1, None),
         "from_profile": lambda n: (prof, None),
     }
 
@@ -285,27 +300,35 @@ def plot(all_results: dict[str, dict], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- fit
-def fit(groups: int, per_class: int) -> float:
-    """Sweep λ on digits (fit seeds), print FD relative to the uniform grid, return the best λ."""
+def fit(groups: int, per_class: int) -> tuple[float, float]:
+    """Sweep (λ, p) of the acceleration grid on digits (fit seeds), print FD relative to the
+    uniform grid, return the best λ at the theory's p = 1/2 (p is swept to check it; the
+    three best (λ, p) were within 0.0002 of each other, so the theory's p was kept)."""
     bed = load_testbed("digits")
     stock = FlowMatchEulerDiscreteScheduler.from_config(bed.config)
     guide = GuidanceSchedule.constant(GUIDANCE)
-    table = {}
-    for lam in FIT_MIXINGS:
-        for n in FIT_STEPS:
-            sig = profile_sigmas(n, bed.profile.sigmas, bed.profile.top1, lam).tolist()
-            table[lam, n] = [run_arm(bed, stock, sig, n, guide, g, per_class, FIT_SEED)["fd"]
-                             for g in range(groups)]
+    prof = bed.profile
+
+    def fds(sigmas_of):
+        return {n: [run_arm(bed, stock, sigmas_of(n), n, guide, g, per_class, FIT_SEED)["fd"]
+                    for g in range(groups)] for n in FIT_STEPS}
+
+    uniform = fds(lambda n: uniform_sigmas(n).tolist())
+    table = {(lam, p): fds(lambda n, lam=lam, p=p: acceleration_sigmas(n, prof.sigmas, prof.acceleration,
+                                                                       lam, p).tolist())
+             for lam in FIT_MIXINGS for p in FIT_POWERS}
     print(f"fit on digits (seeds from {FIT_SEED}, {groups} groups x {per_class} per class): mean FD")
-    print(f"{'lambda':>6} " + " ".join(f"{n:>7}" for n in FIT_STEPS) + f" {'rel. to uniform':>16}")
+    print(f"{'lambda':>6} {'p':>5} " + " ".join(f"{n:>7}" for n in FIT_STEPS) + f" {'rel. to uniform':>16}")
+    print(f"{'uniform':>12} " + " ".join(f"{np.mean(uniform[n]):>7.3f}" for n in FIT_STEPS))
     scores = {}
-    for lam in FIT_MIXINGS:
-        rel = [np.mean(table[lam, n]) / np.mean(table[0.0, n]) for n in FIT_STEPS]
-        scores[lam] = float(np.mean(rel))
-        print(f"{lam:>6.2f} " + " ".join(f"{np.mean(table[lam, n]):>7.3f}" for n in FIT_STEPS)
-              + f" {scores[lam]:>16.4f}")
-    best = min(scores, key=scores.get)
-    print(f"best mixing: {best}")
+    for key, row in table.items():
+        scores[key] = float(np.mean([np.mean(row[n]) / np.mean(uniform[n]) for n in FIT_STEPS]))
+        print(f"{key[0]:>6.2f} {key[1]:>5.2f} " + " ".join(f"{np.mean(row[n]):>7.3f}" for n in FIT_STEPS)
+              + f" {scores[key]:>16.4f}")
+    overall = min(scores, key=scores.get)
+    best = min((key for key in scores if key[1] == ACCELERATION_POWER), key=scores.get)
+    print(f"best (mixing, power) overall: {overall} ({scores[overall]:.4f}); best mixing at the theory's "
+          f"power {ACCELERATION_POWER}: {best[0]} ({scores[best]:.4f})")
     return best
 
 
@@ -349,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     all_results, texts = {}, []
     for name in beds:
         bed = load_testbed(name)
-        print(f"{name}: sigma* = {bed.profile.boundary_sigma:.3f}, mixing = {DEFAULT_PROFILE_MIXING}, "
+        print(f"{name}: sigma* = {bed.profile.boundary_sigma:.3f}, from_profile mixing = "
+              f"{DEFAULT_ACCELERATION_MIXING} (top1: {DEFAULT_PROFILE_MIXING}), "
               f"{groups} groups x {per_class} samples x {len(bed.classes)} classes", flush=True)
         results: dict[tuple[str, str, int], list[dict]] = {}
         for guide_name, guide in guidances().items():

@@ -239,8 +239,8 @@ def build_page(served: Mapping[str, StudioModel]) -> gr.Blocks:
                     schedule = gr.Radio(list(SCHEDULES), value=best["schedule"],
                                         label="Schedule", elem_id="schedule",
                                         info="phase-aware: a chosen share of the steps above σ*; "
-                                        "profile: steps dense where the class's top-1 weight "
-                                        "changes (from_profile)")
+                                        "profile: steps dense where the class's posterior "
+                                        "mean moves fastest (from_profile)")
                     with gr.Row():
                         shift = _slider("shift", value=first.shift, elem_id="shift")
                         navigation_fraction = _slider("navigation_fraction",

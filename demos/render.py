@@ -292,7 +292,7 @@ def describe_arm(arm: Any, comparison: Any) -> str:
     if g.scale_below != 1.0 and lo > 0.0:
         parts.append(f"{g.scale_below:g} below")
     if request.schedule == "profile":
-        parts.append("profile grid (steps dense where the class's top-1 weight changes)")
+        parts.append("profile grid (steps dense where the class's posterior mean moves fastest)")
     elif request.schedule == "phase-aware":
         star = plan.boundary_sigma
         at = f" = {star:.3f}" if star is not None else ""

@@ -83,7 +83,8 @@ RANDOM_SEED = -1
 SCHEDULES: tuple[str, ...] = ("shift", "phase-aware", "profile")
 """Steered-side schedules: stock grid with a shift, the phase-aware grid around σ*, or the
 phase-derived grid of ``PhaseAwareFlowMatchScheduler.from_profile`` (steps dense where the
-class's top-1 curve changes; it sets its own spacing, so the shift does not apply)."""
+class's posterior mean moves fastest along the oracle's trajectories; it sets its own spacing,
+so the shift does not apply)."""
 
 # preset name -> control values it sets (controls it leaves out keep their value);
 # "best steering" is read from `steersample compare`, the one place that defines it

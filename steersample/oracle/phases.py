@@ -11,6 +11,15 @@ curve crosses 0.5 (``boundary_sigma``); ``refinement_sigma`` is where it reaches
 are located on the grid and linearly interpolated in σ between the two bracketing points
 (scanning from the noise end, the first grid point at or above the level).
 
+The **acceleration** curve (``acceleration``; issue #16) measures how fast the oracle's
+posterior mean moves along its own probability-flow ODE: ``a(σ) = E‖dx̂₀*/dσ‖/σ``, which is
+``‖d²x/dσ²‖`` of the ODE trajectories (``v = (x − x̂₀*)/σ``). The forward-noised queries above
+are exact samples of the oracle ODE's marginal at σ, so at each query the derivative is a
+finite difference along the ODE: one Euler step ``x' = x − δ·v*``, ``σ' = σ − δ``
+(``δ = min(10⁻⁴, σ/100)``), and ``‖x̂₀*(x', σ') − x̂₀*(x, σ)‖/(δ·σ)``, averaged over the queries.
+It costs one more oracle pass per σ. ``PhaseAwareFlowMatchScheduler.from_profile`` spaces its
+steps by ``√a`` (``steersample.sampling.schedules.acceleration_sigmas``).
+
 Per class: ``label=c`` draws the queries from class c and scores them with the class-conditional
 oracle (the posterior over class c only), which is what a class-conditional model memorises.
 The same query indices and noise draws are reused at every σ (common random numbers), so the
@@ -71,6 +80,9 @@ class PhaseProfile:
         num_reference: samples the oracle weighs (N, or the class size).
         dim: flattened sample dimension D.
         num_queries: noised queries averaged per σ.
+        acceleration: ``(G,)`` mean ``‖dx̂₀*/dσ‖/σ`` along the oracle ODE at each σ (see the
+            module docstring), or None when not estimated (``acceleration=False``, or a profile
+            built before the field existed).
     """
 
     sigmas: torch.Tensor
@@ -82,6 +94,7 @@ class PhaseProfile:
     num_reference: int
     dim: int
     num_queries: int
+    acceleration: torch.Tensor | None = None
 
     def sigma_at(self, level: float) -> float:
         """σ where the mean top-1 weight reaches ``level`` (see :func:`crossing_sigma`)."""
@@ -92,7 +105,8 @@ class PhaseProfile:
     @classmethod
     def estimate(cls, reference: ReferenceSet, generator: torch.Generator | None = None, *,
                  sigmas: torch.Tensor | None = None, num_queries: int = 256,
-                 label: int | None = None, oracle: EmpiricalOracle | None = None) -> "PhaseProfile":
+                 label: int | None = None, oracle: EmpiricalOracle | None = None,
+                 acceleration: bool = True) -> "PhaseProfile":
         """Estimate the profile of ``reference`` (optionally of one class ``label``).
 
         Args:
@@ -102,6 +116,8 @@ class PhaseProfile:
             num_queries: noised queries per σ (drawn without replacement when N allows).
             label: restrict queries and posterior to this class.
             oracle: the oracle to use (default: the exact ``EmpiricalOracle(reference)``).
+            acceleration: also estimate the ``acceleration`` curve (one more oracle pass per σ;
+                ``from_profile``'s default grid needs it). The top-1 curve is the same either way.
         """
         if not isinstance(reference, ReferenceSet):
             raise TypeError(f"reference must be a steersample.ReferenceSet, got {type(reference).__name__}")
@@ -120,13 +136,24 @@ class PhaseProfile:
         eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
         # several σ per oracle call (per-sample σ), about _QUERY_ELEMENTS query values each
         per_call = max(1, _QUERY_ELEMENTS // (num_queries * reference.dim))
-        weights = []
+        weights, speeds = [], []
         ones = [1] * (x0.dim() - 1)
         for part in torch.split(grid, per_call):
             s = part.repeat_interleave(num_queries)          # σ-major: all queries at part[0], ...
             s_b = s.reshape(-1, *ones)
             x = (1.0 - s_b) * x0.repeat(part.numel(), *ones) + s_b * eps.repeat(part.numel(), *ones)
-            post = oracle.posterior(x, s, labels=label)
+            if acceleration:
+                out = oracle.evaluate(x, s, labels=label)
+                post = out.posterior
+                # one Euler step of the oracle ODE towards data, then the change of x̂₀* per unit σ
+                delta = torch.clamp(s / 100, max=1e-4)
+                d_b = delta.reshape(-1, *ones)
+                x_next = x - d_b * out.velocity.to(x.dtype)
+                moved = oracle.denoise(x_next, s - delta, labels=label).to("cpu", torch.float64)
+                change = (moved - out.denoised.to("cpu", torch.float64)).flatten(1).norm(dim=1)
+                speeds.append((change / (delta * s)).reshape(part.numel(), num_queries))
+            else:
+                post = oracle.posterior(x, s, labels=label)
             weights.append(post.top1.to("cpu", torch.float64).reshape(part.numel(), num_queries))
         weights = torch.cat(weights)
         top1 = weights.mean(1)
@@ -134,12 +161,14 @@ class PhaseProfile:
         return cls(sigmas=grid, top1=top1, top1_std=stds,
                    boundary_sigma=crossing_sigma(grid, top1, 0.5),
                    refinement_sigma=crossing_sigma(grid, top1, 0.9),
-                   label=label, num_reference=n, dim=reference.dim, num_queries=num_queries)
+                   label=label, num_reference=n, dim=reference.dim, num_queries=num_queries,
+                   acceleration=torch.cat(speeds).mean(1) if acceleration else None)
 
     @classmethod
     def estimate_per_class(cls, reference: ReferenceSet, generator: torch.Generator | None = None, *,
                            sigmas: torch.Tensor | None = None, num_queries: int = 256,
-                           oracle: EmpiricalOracle | None = None) -> dict[int, "PhaseProfile"]:
+                           oracle: EmpiricalOracle | None = None,
+                           acceleration: bool = True) -> dict[int, "PhaseProfile"]:
         """One class-conditional profile per label, ``{label: PhaseProfile}`` in label order.
 
         The options mean what they mean in :meth:`estimate`; one generator feeds all classes.
@@ -152,7 +181,7 @@ class PhaseProfile:
             generator = torch.Generator().manual_seed(0)
         oracle = oracle if oracle is not None else EmpiricalOracle(reference)
         return {int(c): cls.estimate(reference, generator, sigmas=sigmas, num_queries=num_queries,
-                                     label=int(c), oracle=oracle)
+                                     label=int(c), oracle=oracle, acceleration=acceleration)
                 for c in reference.classes}
 
 

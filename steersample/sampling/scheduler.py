@@ -19,12 +19,18 @@ the steps in between are then redistributed so that exactly
 ``linspace(1, 1/N, N)``), and explicit ``timesteps`` are refused.
 
 ``from_profile(config, profile)`` is the grid that earned its place in
-``benchmarks/quality_per_nfe.py`` (issue #16): :func:`~steersample.sampling.schedules.profile_sigmas`,
-equal-mass quantiles of a step density that follows the rate of change of the profile's top-1
-curve, mixed with uniform, ending at 0 with every step spent::
+``benchmarks/quality_per_nfe.py`` (issue #16):
+:func:`~steersample.sampling.schedules.acceleration_sigmas`, equal-mass quantiles of the step
+density ``ρ ∝ (1 − λ) + λ·√a(σ)``, where ``a(σ) = ‖dx̂₀*/dσ‖/σ`` is how hard the reference
+oracle's ODE trajectories bend (``PhaseProfile.acceleration``): the density that minimises
+Euler's global error bound, mixed with uniform, ending at 0 with every step spent::
 
     profile = ss.PhaseProfile.estimate(ref)              # ref: the training set or a latent store
     pipe.scheduler = ss.PhaseAwareFlowMatchScheduler.from_profile(pipe.scheduler.config, profile)
+
+``from_profile(config, profile, density="top1")`` is the earlier grid
+(:func:`~steersample.sampling.schedules.profile_sigmas`: the rate of change of the profile's
+top-1 curve, λ = 0.2), kept for comparison and for profiles without an acceleration curve.
 
 The profile curve is stored in the config (plain float lists), so ``save_config`` /
 ``from_pretrained`` round-trip it. The profile grid replaces the stock spacing entirely
@@ -45,7 +51,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import register_to_config
 
 from steersample.sampling.schedules import (
+    DEFAULT_ACCELERATION_MIXING,
     DEFAULT_PROFILE_MIXING,
+    acceleration_cdf,
+    acceleration_sigmas,
     phase_aware_sigmas,
     profile_cdf,
     profile_sigmas,
@@ -76,9 +85,15 @@ def _boundary_value(phase_boundary: Any) -> float | None:
     return value
 
 
-def _profile_lists(sigmas: Any, top1: Any, mixing: Any) -> tuple[list[float], list[float], float] | None:
+def _profile_lists(
+    sigmas: Any, top1: Any, mixing: Any, acceleration: Any = None
+) -> tuple[list[float], list[float], float, list[float] | None] | None:
     """The profile options as JSON-ready lists and λ, validated (None when no profile is set)."""
     if sigmas is None and top1 is None:
+        if acceleration is not None:
+            raise ValueError(
+                "profile_acceleration needs profile_sigmas and profile_top1; use from_profile(config, profile)."
+            )
         if mixing is not None:
             raise ValueError(
                 f"profile_mixing={mixing!r} needs a profile; use from_profile(config, profile, mixing=...)."
@@ -86,11 +101,18 @@ def _profile_lists(sigmas: Any, top1: Any, mixing: Any) -> tuple[list[float], li
         return None
     if sigmas is None or top1 is None:
         raise ValueError("set both profile_sigmas and profile_top1 (or use from_profile(config, profile)).")
-    mixing = DEFAULT_PROFILE_MIXING if mixing is None else mixing
     knots_sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
     knots_top1 = torch.as_tensor(top1, dtype=torch.float64).flatten()
-    profile_cdf(knots_sigmas, knots_top1, mixing)  # raises, naming the fix, on a bad profile or λ
-    return knots_sigmas.tolist(), knots_top1.tolist(), float(mixing)
+    if acceleration is None:
+        mixing = DEFAULT_PROFILE_MIXING if mixing is None else mixing
+        profile_cdf(knots_sigmas, knots_top1, mixing)  # raises, naming the fix, on a bad profile or λ
+        return knots_sigmas.tolist(), knots_top1.tolist(), float(mixing), None
+    mixing = DEFAULT_ACCELERATION_MIXING if mixing is None else mixing
+    knots_acc = torch.as_tensor(acceleration, dtype=torch.float64).flatten()
+    acceleration_cdf(knots_sigmas, knots_acc, mixing)  # raises, naming the fix
+    if knots_top1.numel() != knots_sigmas.numel():
+        raise ValueError("profile_top1 and profile_sigmas must have the same length (one PhaseProfile's curves).")
+    return knots_sigmas.tolist(), knots_top1.tolist(), float(mixing), knots_acc.tolist()
 
 
 class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
@@ -104,8 +126,13 @@ class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
             0.5 when ``phase_boundary`` is set. Only valid together with ``phase_boundary``.
         profile_sigmas, profile_top1: a phase profile's curve (float lists, any σ order) for the
             profile grid; set both (normally through :meth:`from_profile`) or neither.
+        profile_acceleration: the profile's acceleration curve on ``profile_sigmas``; when set the
+            grid is :func:`~steersample.sampling.schedules.acceleration_sigmas` (the
+            :meth:`from_profile` default), otherwise
+            :func:`~steersample.sampling.schedules.profile_sigmas` of the top-1 curve.
         profile_mixing: λ of the profile grid, in [0, 1); None means
-            ``DEFAULT_PROFILE_MIXING`` when a profile is set.
+            ``DEFAULT_ACCELERATION_MIXING`` (with an acceleration curve) or
+            ``DEFAULT_PROFILE_MIXING`` (top-1 curve) when a profile is set.
 
     The Euler update is the stock one, ``x_next = x + (σ_next − σ)·v`` (or the stochastic
     re-noising variant); only the grid changes. See :func:`~steersample.sampling.schedules.phase_aware_sigmas`
@@ -137,6 +164,7 @@ class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
         profile_sigmas: list[float] | None = None,
         profile_top1: list[float] | None = None,
         profile_mixing: float | None = None,
+        profile_acceleration: list[float] | None = None,
     ):
         # the stock constructor body, without registering its arguments a second time
         FlowMatchEulerDiscreteScheduler.__init__.__wrapped__(
@@ -171,7 +199,7 @@ class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
                     "it is the share of steps above the phase boundary, e.g. 0.5."
                 )
             navigation_fraction = float(navigation_fraction)
-        profile = _profile_lists(profile_sigmas, profile_top1, profile_mixing)
+        profile = _profile_lists(profile_sigmas, profile_top1, profile_mixing, profile_acceleration)
         if profile is not None and boundary is not None:
             raise ValueError(
                 "phase_boundary and a profile grid are two different grids; use from_profile(config, profile) "
@@ -191,26 +219,37 @@ class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
         # store plain floats (a PhaseProfile is not JSON) so save/load round-trips
         self.register_to_config(phase_boundary=boundary, navigation_fraction=navigation_fraction)
         if profile is not None:
-            self.register_to_config(profile_sigmas=profile[0], profile_top1=profile[1], profile_mixing=profile[2])
+            self.register_to_config(profile_sigmas=profile[0], profile_top1=profile[1], profile_mixing=profile[2],
+                                    profile_acceleration=profile[3])
 
     @classmethod
-    def from_profile(cls, config=None, profile=None, *, mixing: float = DEFAULT_PROFILE_MIXING, **kwargs):
+    def from_profile(cls, config=None, profile=None, *, density: Literal["acceleration", "top1"] = "acceleration",
+                     mixing: float | None = None, **kwargs):
         """The phase-derived grid with the best quality per model evaluation (issue #16).
 
-        ``σ_i = F⁻¹(1 − i/N)``, ``F(σ) = (1 − λ)·σ + λ·V(σ)/V(1)`` with ``V`` the total variation of
-        the profile's mean top-1 weight from σ = 0 (see
-        :func:`~steersample.sampling.schedules.profile_sigmas`): σ_0 = 1, the grid ends at the
-        terminal 0 and the last evaluated σ is at least 1/N, steps are densest where the reference
-        posterior sharpens (around σ*).
+        ``density="acceleration"`` (default): ``σ_i = F⁻¹(1 − i/N)`` with step density
+        ``ρ(σ) = (1 − λ) + λ·√a(σ)/∫√a``, ``a(σ) = ‖dx̂₀*/dσ‖/σ`` the reference oracle's trajectory
+        acceleration (``profile.acceleration``), λ = 0.5 (see
+        :func:`~steersample.sampling.schedules.acceleration_sigmas`). Euler's global error is
+        ``≈ (1/2N)·∫ a/ρ``, smallest for ``ρ ∝ √a``; the uniform half keeps steps where the oracle
+        has memorised but a model still refines. σ_0 = 1, the grid ends at the terminal 0 and the
+        last evaluated σ is at least 1/N.
+
+        ``density="top1"``: the earlier grid, ``F(σ) = (1 − λ)·σ + λ·V(σ)/V(1)`` with ``V`` the
+        total variation of the profile's mean top-1 weight from σ = 0, λ = 0.2 (see
+        :func:`~steersample.sampling.schedules.profile_sigmas`).
 
         Args:
             config: a scheduler config (``pipe.scheduler.config``); its stock options other than the
                 spacing (``num_train_timesteps``, ``stochastic_sampling``, ...) are kept.
             profile: a ``PhaseProfile`` (``PhaseProfile.estimate(ref)``; for SD3/Flux estimate it on a
-                reference store of VAE latents), or anything with ``.sigmas`` and ``.top1``.
-            mixing: λ in [0, 1), the share of the step density that follows the profile; the default
-                :data:`~steersample.sampling.schedules.DEFAULT_PROFILE_MIXING` was fitted once on the
-                digits default and is not meant to be tuned per model.
+                reference store of VAE latents), or anything with ``.sigmas`` and ``.top1`` (and
+                ``.acceleration`` for the default density).
+            density: ``"acceleration"`` or ``"top1"``, the curve the steps follow.
+            mixing: λ in [0, 1), the share of the step density that follows the curve; None means
+                :data:`~steersample.sampling.schedules.DEFAULT_ACCELERATION_MIXING` or
+                :data:`~steersample.sampling.schedules.DEFAULT_PROFILE_MIXING`, both fitted once
+                on the digits default and not meant to be tuned per model.
             kwargs: other config overrides, as in ``from_config``.
         """
         if profile is None or not (hasattr(profile, "sigmas") and hasattr(profile, "top1")):
@@ -218,13 +257,27 @@ class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
                 f"from_profile needs a PhaseProfile (with .sigmas and .top1), got {profile!r}; "
                 "pass ss.PhaseProfile.estimate(reference)."
             )
+        if density not in ("acceleration", "top1"):
+            raise ValueError(f"density must be 'acceleration' or 'top1', got {density!r}.")
         sigmas = torch.as_tensor(profile.sigmas, dtype=torch.float64).flatten().tolist()
         top1 = torch.as_tensor(profile.top1, dtype=torch.float64).flatten().tolist()
-        for key in ("phase_boundary", "navigation_fraction", "profile_sigmas", "profile_top1", "profile_mixing"):
+        acceleration = None
+        if density == "acceleration":
+            acceleration = getattr(profile, "acceleration", None)
+            if acceleration is None:
+                raise ValueError(
+                    "this profile has no acceleration curve (estimated with acceleration=False, or built "
+                    "without one); re-estimate it with ss.PhaseProfile.estimate(reference), or pass "
+                    "density='top1' for the top-1 grid."
+                )
+            acceleration = torch.as_tensor(acceleration, dtype=torch.float64).flatten().tolist()
+        for key in ("phase_boundary", "navigation_fraction", "profile_sigmas", "profile_top1", "profile_mixing",
+                    "profile_acceleration"):
             if key in kwargs:
                 raise TypeError(f"from_profile sets the grid itself; drop {key}=... (use from_config for other grids).")
         return cls.from_config(
-            config, profile_sigmas=sigmas, profile_top1=top1, profile_mixing=mixing, **kwargs
+            config, profile_sigmas=sigmas, profile_top1=top1, profile_mixing=mixing,
+            profile_acceleration=acceleration, **kwargs
         )
 
     @classmethod
@@ -284,7 +337,15 @@ class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
         if not (self.phase_aware or self.profile_aware):
             return
         stock = self.sigmas  # (N + 1,), last entry the terminal 0
-        if self.profile_aware:
+        if self.profile_aware and self.config.get("profile_acceleration") is not None:
+            grid = acceleration_sigmas(
+                len(stock) - 1,
+                self.config.profile_sigmas,
+                self.config.profile_acceleration,
+                self.config.profile_mixing,
+                device=stock.device,
+            )
+        elif self.profile_aware:
             grid = profile_sigmas(
                 len(stock) - 1,
                 self.config.profile_sigmas,

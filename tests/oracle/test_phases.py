@@ -78,3 +78,36 @@ def test_bad_inputs():
         ss.PhaseProfile.estimate(ref, label=3)
     with pytest.raises(TypeError, match="ReferenceSet"):
         ss.PhaseProfile.estimate(torch.randn(10, 4))
+
+
+def test_acceleration_is_the_oracle_odes_second_derivative():
+    """a(σ) = E‖dx̂₀/dσ‖/σ along the oracle ODE equals E‖d²x/dσ²‖ (v = (x − x̂₀)/σ), same queries."""
+    ref = gaussian(40, 6)
+    grid = torch.tensor([0.9, 0.6, 0.4, 0.2, 0.05], dtype=torch.float64)
+    p = ss.PhaseProfile.estimate(ref, torch.Generator().manual_seed(3), sigmas=grid, num_queries=16)
+    # the estimate's queries, rebuilt from the same generator draws
+    g = torch.Generator().manual_seed(3)
+    x0 = ref.latents[torch.randperm(40, generator=g)[:16]].double()
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    oracle = ss.EmpiricalOracle(ref)
+    for s, a in zip(grid.tolist(), p.acceleration.tolist()):
+        x = (1 - s) * x0 + s * eps
+        d = 1e-6                                        # a much smaller step than the estimate's
+        v = oracle.velocity(x, torch.full((16,), s, dtype=torch.float64))
+        v_next = oracle.velocity(x - d * v, torch.full((16,), s - d, dtype=torch.float64))
+        brute = float(((v_next - v).norm(dim=1) / d).mean())
+        assert a == pytest.approx(brute, rel=0.02, abs=1e-8)
+
+
+def test_acceleration_curve_shape_and_opt_out():
+    ref = gaussian(100, 8)
+    p = ss.PhaseProfile.estimate(ref, torch.Generator().manual_seed(0), num_queries=32)
+    assert p.acceleration.shape == p.sigmas.shape and bool((p.acceleration >= 0).all())
+    peak = float(p.sigmas[int(p.acceleration.argmax())])
+    assert p.refinement_sigma < peak < 1.0              # the posterior mean moves before it settles
+    assert float(p.acceleration[-1]) < 1e-6 * float(p.acceleration.max())   # memorised: x̂₀ stops moving
+    q = ss.PhaseProfile.estimate(ref, torch.Generator().manual_seed(0), num_queries=32, acceleration=False)
+    assert q.acceleration is None and torch.equal(q.top1, p.top1)
+    # built without the field (as before it existed): still a valid profile
+    old = ss.PhaseProfile(p.sigmas, p.top1, p.top1_std, p.boundary_sigma, p.refinement_sigma, None, 100, 8, 32)
+    assert old.acceleration is None

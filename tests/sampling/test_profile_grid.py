@@ -131,9 +131,9 @@ def tiny_profile():
 def test_from_profile_set_timesteps_semantics(tiny_profile, n):
     sched = PhaseAwareFlowMatchScheduler.from_profile(FlowMatchEulerDiscreteScheduler().config, tiny_profile)
     assert sched.profile_aware and not sched.phase_aware
-    assert sched.config.profile_mixing == S.DEFAULT_PROFILE_MIXING
+    assert sched.config.profile_mixing == S.DEFAULT_ACCELERATION_MIXING
     sched.set_timesteps(n)
-    grid = S.profile_sigmas(n, tiny_profile.sigmas, tiny_profile.top1)
+    grid = S.acceleration_sigmas(n, tiny_profile.sigmas, tiny_profile.acceleration)
     assert len(sched.timesteps) == n and sched.sigmas.shape == (n + 1,)
     assert torch.equal(sched.sigmas[:-1], grid) and sched.sigmas[-1] == 0 and sched.sigmas[0] == 1
     assert torch.equal(sched.timesteps, grid * 1000)
@@ -166,7 +166,7 @@ def test_from_profile_flux_style_call_sets_only_the_count(tiny_profile):
     cfg = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config
     sched = PhaseAwareFlowMatchScheduler.from_profile(cfg, tiny_profile)
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 7, 7), mu=1.1)
-    assert torch.equal(sched.sigmas[:-1], S.profile_sigmas(7, tiny_profile.sigmas, tiny_profile.top1))
+    assert torch.equal(sched.sigmas[:-1], S.acceleration_sigmas(7, tiny_profile.sigmas, tiny_profile.acceleration))
 
 
 def test_from_profile_errors_name_the_fix(tiny_profile):
@@ -174,6 +174,9 @@ def test_from_profile_errors_name_the_fix(tiny_profile):
     with pytest.raises(TypeError, match="PhaseProfile.estimate"):
         PhaseAwareFlowMatchScheduler.from_profile(cfg, 0.5)
     bad = type("P", (), {"sigmas": tiny_profile.sigmas, "top1": tiny_profile.top1 * math.nan})()
+    with pytest.raises(ValueError, match="NaN"):
+        PhaseAwareFlowMatchScheduler.from_profile(cfg, bad, density="top1")
+    bad.acceleration = tiny_profile.acceleration * math.nan
     with pytest.raises(ValueError, match="NaN"):
         PhaseAwareFlowMatchScheduler.from_profile(cfg, bad)
     with pytest.raises(TypeError, match="drop phase_boundary"):
@@ -207,3 +210,143 @@ def test_from_profile_in_stock_sd3_and_flux_pipelines(tiny_profile):
                    generator=torch.Generator().manual_seed(0), **kwargs)
         hook.remove()
         assert len(calls) == 3 and torch.isfinite(out.images).all()
+
+
+# ----------------------------------------------------------------------------- acceleration grid
+# a bump-shaped acceleration (where the posterior decides) that vanishes at small σ, like the oracle's
+ACC = 20.0 * torch.exp(-(((SIG - 0.5) / 0.15) ** 2)) * (SIG > 0.15)
+POSITIVE = 1.0 + 30.0 * torch.exp(-(((SIG - 0.5) / 0.15) ** 2))
+
+
+def fine_acc_cdf(sigmas, acc, mixing, power, grid):
+    """Brute force: ∫₀^σ ((1 − λ) + λ w/W) with w = a^p, each profile interval at the mean of its ends."""
+    s, w = np.asarray(sigmas)[::-1], np.asarray(acc)[::-1] ** power
+    knots = np.concatenate([[0.0], s, [1.0] if s[-1] < 1 else []])
+    height = np.concatenate([[w[0]], (w[1:] + w[:-1]) / 2, [w[-1]] if s[-1] < 1 else []])
+    mid = (grid[1:] + grid[:-1]) / 2
+    dens = height[np.clip(np.searchsorted(knots, mid, side="right") - 1, 0, len(height) - 1)]
+    mass = np.concatenate([[0.0], np.cumsum(dens * np.diff(grid))])
+    return (1 - mixing) * grid + mixing * mass / mass[-1]
+
+
+@pytest.mark.parametrize("acc", [ACC, POSITIVE], ids=["bump", "positive"])
+@pytest.mark.parametrize("mixing", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("power", [0.5, 1.0])
+def test_acceleration_cdf_and_density_against_brute_force(acc, mixing, power):
+    grid = np.linspace(0.0, 1.0, 200_001)
+    brute = fine_acc_cdf(SIG, acc, mixing, power, grid)
+    knots, cdf = S.acceleration_cdf(SIG, acc, mixing, power)
+    assert knots[0] == 0 and knots[-1] == 1 and cdf[0] == 0 and cdf[-1] == 1
+    assert bool((cdf.diff() > 0).all()) or mixing == 0.0 and bool((cdf.diff() >= 0).all())
+    assert np.allclose(cdf.numpy(), np.interp(knots.numpy(), grid, brute), atol=1e-5)
+    mid = (grid[1:] + grid[:-1]) / 2
+    dens = S.acceleration_density(torch.as_tensor(mid), SIG, acc, mixing, power).numpy()
+    assert np.concatenate([[0.0], np.cumsum(dens * np.diff(grid))])[-1] == pytest.approx(1.0, abs=1e-9)
+    assert float(dens.min()) >= 1 - mixing - 1e-12
+    # the density is (1 − λ) + λ·a^p/∫a^p: at the profile's points (interval means) ∝ a^p
+    j = np.searchsorted(grid, np.asarray(SIG[1:-1]))
+    w = (np.asarray(acc[1:-1]) ** power + np.asarray(acc[2:]) ** power) / 2
+    if mixing > 0:
+        shape = (dens[j - 1] - (1 - mixing)) / mixing
+        assert np.allclose(shape / shape.max(), w / w.max(), atol=1e-9)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 10, 30])
+@pytest.mark.parametrize("mixing", [0.0, 0.5, 0.8])
+def test_acceleration_sigmas_equal_mass_quantiles_end_at_zero(n, mixing):
+    grid = S.acceleration_sigmas(n, SIG, POSITIVE, mixing, dtype=torch.float64)
+    assert grid.shape == (n,) and grid[0] == 1.0
+    assert bool((grid.diff() < 0).all()) and float(grid[-1]) > 0
+    fine = np.linspace(0.0, 1.0, 200_001)
+    mass = np.interp(grid.numpy(), fine, fine_acc_cdf(SIG, POSITIVE, mixing, 0.5, fine))
+    assert np.allclose(mass, 1 - np.arange(n) / n, atol=1e-5)   # every step carries 1/N, last one too
+
+
+@pytest.mark.parametrize("mixing", [0.2, 0.5])
+def test_acceleration_grid_last_step_is_full_where_the_oracle_has_settled(mixing):
+    """a = 0 below σ = 0.15: the last evaluated σ is 1/((1 − λ)·N), not ~0 (and not 1/1000)."""
+    for n in (20, 30):
+        grid = S.acceleration_sigmas(n, SIG, ACC, mixing, dtype=torch.float64)
+        assert float(grid[-1]) == pytest.approx(1 / ((1 - mixing) * n), rel=1e-9)
+
+
+def test_sqrt_acceleration_equidistributes_and_minimises_eulers_error():
+    """ρ ∝ √a: each of N steps makes the same local error h²·a, and ∫ a/ρ is smallest among densities."""
+    sig = torch.linspace(1.0, 0.001, 2000, dtype=torch.float64)       # a finely sampled curve
+    acc = 1.0 + 30.0 * torch.exp(-(((sig - 0.5) / 0.15) ** 2))
+    s = np.linspace(0.0, 1.0, 100_001)
+    a = np.interp(s, sig.flip(0).numpy(), acc.flip(0).numpy())
+    n, pure = 400, 1 - 1e-12                               # λ → 1: all the density follows √a
+    grid = S.acceleration_sigmas(n, sig, acc, pure, dtype=torch.float64).numpy()
+    edges = np.concatenate([grid, [0.0]])
+    h = -np.diff(edges)
+    local = h ** 2 * np.interp((edges[1:] + edges[:-1]) / 2, s, a)
+    assert local.max() / local.min() < 1.1                # equal local error per step (to O(h))
+
+    def bound(rho):                                      # Euler's global error ∝ ∫ a/ρ, ∫ρ = 1
+        rho = rho / np.trapezoid(rho, s)
+        return np.trapezoid(a / rho, s)
+
+    best = bound(S.acceleration_density(torch.as_tensor(s), sig, acc, pure).numpy())
+    assert best == pytest.approx(np.trapezoid(np.sqrt(a), s) ** 2, rel=1e-3)   # Cauchy–Schwarz bound
+    for other in (np.ones_like(s), a, a ** 0.25, S.acceleration_density(torch.as_tensor(s), sig, acc, 0.5).numpy()):
+        assert bound(other) > best
+
+
+def test_acceleration_mixing_zero_is_uniform_on_a_flat_curve_and_bad_curves_name_the_fix():
+    flat = torch.ones_like(SIG)
+    assert torch.allclose(S.acceleration_sigmas(8, SIG, flat, 0.7), S.uniform_sigmas(8), atol=1e-7)
+    assert torch.allclose(S.acceleration_sigmas(8, SIG, ACC, 0.0), S.uniform_sigmas(8), atol=1e-7)
+    near = lambda g: int(((g > 0.35) & (g < 0.65)).sum())  # noqa: E731
+    assert near(S.acceleration_sigmas(20, SIG, ACC)) > near(S.uniform_sigmas(20))
+    nan = ACC.clone()
+    nan[2] = math.nan
+    with pytest.raises(ValueError, match="NaN or inf.*PhaseProfile.estimate"):
+        S.acceleration_sigmas(4, SIG, nan)
+    with pytest.raises(ValueError, match="zero everywhere.*uniform_sigmas"):
+        S.acceleration_sigmas(4, SIG, torch.zeros_like(SIG))
+    with pytest.raises(ValueError, match="cannot be negative"):
+        S.acceleration_sigmas(4, SIG, -ACC)
+    with pytest.raises(ValueError, match="same length"):
+        S.acceleration_sigmas(4, SIG, ACC[:-1])
+    with pytest.raises(ValueError, match=r"mixing must lie in \[0, 1\)"):
+        S.acceleration_sigmas(4, SIG, ACC, 1.0)
+    with pytest.raises(ValueError, match="power must be"):
+        S.acceleration_sigmas(4, SIG, ACC, 0.5, 0.0)
+    with pytest.raises(ValueError, match="num_steps must be a positive integer"):
+        S.acceleration_sigmas(0, SIG, ACC)
+
+
+def test_from_profile_density_choice_and_config_round_trip(tiny_profile, tmp_path):
+    cfg = FlowMatchEulerDiscreteScheduler().config
+    new = PhaseAwareFlowMatchScheduler.from_profile(cfg, tiny_profile)
+    old = PhaseAwareFlowMatchScheduler.from_profile(cfg, tiny_profile, density="top1")
+    assert new.config.profile_mixing == S.DEFAULT_ACCELERATION_MIXING
+    assert old.config.profile_mixing == S.DEFAULT_PROFILE_MIXING and old.config.profile_acceleration is None
+    new.set_timesteps(7)
+    old.set_timesteps(7)
+    acc = S.acceleration_sigmas(7, tiny_profile.sigmas, tiny_profile.acceleration)
+    assert torch.equal(new.sigmas[:-1], acc) and new.sigmas[-1] == 0 and new.sigmas[0] == 1
+    assert torch.equal(old.sigmas[:-1], S.profile_sigmas(7, tiny_profile.sigmas, tiny_profile.top1))
+    for i, sched in enumerate((new, old)):
+        sched.save_config(tmp_path / str(i))
+        loaded = PhaseAwareFlowMatchScheduler.from_pretrained(tmp_path / str(i))
+        loaded.set_timesteps(7)
+        assert torch.equal(loaded.sigmas, sched.sigmas)
+    # a config saved before the acceleration curve existed (no key) keeps its top-1 grid
+    legacy = {k: v for k, v in dict(old.config).items() if k != "profile_acceleration"}
+    again = PhaseAwareFlowMatchScheduler.from_config(legacy)
+    again.set_timesteps(7)
+    assert torch.equal(again.sigmas, old.sigmas)
+
+
+def test_from_profile_without_an_acceleration_curve_names_the_fix(tiny_profile):
+    cfg = FlowMatchEulerDiscreteScheduler().config
+    bare = type("P", (), {"sigmas": tiny_profile.sigmas, "top1": tiny_profile.top1})()
+    with pytest.raises(ValueError, match="no acceleration curve.*density='top1'"):
+        PhaseAwareFlowMatchScheduler.from_profile(cfg, bare)
+    assert PhaseAwareFlowMatchScheduler.from_profile(cfg, bare, density="top1").profile_aware
+    with pytest.raises(ValueError, match="density must be"):
+        PhaseAwareFlowMatchScheduler.from_profile(cfg, tiny_profile, density="entropy")
+    with pytest.raises(TypeError, match="drop profile_acceleration"):
+        PhaseAwareFlowMatchScheduler.from_profile(cfg, tiny_profile, profile_acceleration=[1.0])
