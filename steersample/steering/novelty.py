@@ -18,11 +18,13 @@ for bit.
 3. **A distance floor along the data.** For σ ≤ ``push_sigma``, x̂₀ moves away from its nearest
    reference sample T until ``‖x̂₀ − T‖ ≥ r_b``, along the local principal directions of the data::
 
-       e = x̂₀ − T;  P = top ``directions`` principal directions of x̂₀'s ``neighbours`` nearest
-       reference samples;  x̂₀ ← clip(x̂₀ + a P Pᵀ e),  the smallest a ≥ 0 with ‖e + a P Pᵀ e‖ = r_b
+       e = x̂₀ − T;  P_T = top ``directions`` principal directions of T's ``neighbours`` nearest
+       reference samples;  x̂₀ ← clip(x̂₀ + a P_T P_Tᵀ e),  the smallest a ≥ 0 with ‖e + a P_T P_Tᵀ e‖ = r_b
 
-   (``iterations`` times per step; the clip to the reference's per-coordinate range and a new
-   nearest sample can undo part of a move). The target ``r_b`` is a quantile of the class's
+   (``iterations`` times per step, T the nearest sample each time; the clip to the reference's
+   per-coordinate range and a new nearest sample can undo part of a move). P_T is the data's
+   tangent space at the training sample the move starts from: it depends on T alone, so it is
+   computed once per run for each T met and cached. The target ``r_b`` is a quantile of the class's
    *leave-one-out nearest-neighbour distances in the reference set* (how far each training
    sample lies from all the others: the distance an unseen sample of the class would have), the
    quantile ``u_b = Φ(⟨ε_b, w⟩/‖w‖)`` fixed per sample by its initial noise ε_b (w a fixed
@@ -37,16 +39,16 @@ Without class labels (on the call or the reference set) the steerer does nothing
 Guidance: any run schedule; scarce samples see it only above ``sigma_nav``. The unconditional
 pass must run below ``sigma_nav`` (a CFG scale other than 1 there).
 
-Cost: no extra model evaluations; per step, for scarce samples only, one k-NN query, a few
-block power iterations on each sample's K×K Gram matrix (:func:`top_eigenpairs`) and the class
-model's posterior.
+Cost: no extra model evaluations; per step, for scarce samples only, ``iterations`` nearest-sample
+queries and the class model's posterior; once per run and training sample met, a K-NN query and
+a few block power iterations on its K×K Gram matrix (:func:`top_eigenpairs`).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -150,6 +152,28 @@ class _Fit:
     hi: torch.Tensor         # (D,) per-coordinate maximum
     flat: torch.Tensor | None   # (N, D) float64 reference for exact brute-force k-NN, when small
     sq: torch.Tensor | None     # (N,) its squared norms
+    tangents: dict = field(default_factory=dict)   # reference index -> (D, r) tangent basis
+
+    def tangent(self, ref: ReferenceSet, anchors: torch.Tensor, shape: tuple[int, ...],
+                neighbours: int, directions: int) -> torch.Tensor:
+        """``(b, D, r)`` orthonormal top-``directions`` principal directions of the ``neighbours``
+        nearest reference samples of each anchor (reference indices ``anchors``), cached."""
+        missing = sorted({int(a) for a in anchors.tolist()} - self.tangents.keys())
+        if missing:
+            rows = (self.flat[missing] if self.flat is not None
+                    else ref.rows(torch.tensor(missing)).detach().to("cpu", torch.float64).reshape(len(missing), -1))
+            k = min(neighbours, len(ref))
+            _, near = self.nearest(ref, rows, shape, k)
+            # principal directions from the K x K Gram matrix of the centred neighbours (cheap
+            # for any D): H G H with H = I − 11ᵀ/K, and basis = centredᵀ q Λ^-½ = nearᵀ (q − q̄) Λ^-½
+            gram = near @ near.transpose(1, 2)
+            row = gram.mean(2, keepdim=True)
+            gram = gram - row - row.transpose(1, 2) + row.mean(1, keepdim=True)
+            lam, q = top_eigenpairs(gram, min(directions, k - 1))
+            q = q - q.mean(1, keepdim=True)
+            basis = near.transpose(1, 2) @ q / lam.clamp_min(1e-12).sqrt()[:, None, :]
+            self.tangents.update(zip(missing, basis))
+        return torch.stack([self.tangents[int(a)] for a in anchors.tolist()])
 
     def nearest(self, ref: ReferenceSet, x0: torch.Tensor, shape: tuple[int, ...],
                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +202,8 @@ class NoveltySteering:
         clean_sigma: σ at and below which the model's class direction comes back (0.25).
         clean_scale: its scale (1: the conditional prediction).
         push_sigma: σ at and below which the distance floor acts (0.35).
-        neighbours: reference samples whose principal directions give the tangent space (48).
+        neighbours: reference samples around the nearest training sample whose principal directions
+            give the tangent space there (48).
         directions: principal directions used (default ``neighbours // 4``).
         iterations: push-and-clip repetitions per step (3).
         scarce: classes with fewer reference samples than this are steered; None: a quarter of
@@ -306,23 +331,12 @@ class NoveltySteering:
 
     def _push(self, x0: torch.Tensor, target: torch.Tensor, ref: ReferenceSet,
               shape: tuple[int, ...], fit: _Fit) -> torch.Tensor:
-        """Distance floor: push-and-clip ``iterations`` times along the local tangent space."""
-        k = min(self.neighbours, len(ref))
-        _, near = fit.nearest(ref, x0, shape, k)
-        # principal directions from the K x K Gram matrix of the centred neighbours (cheap for
-        # any D): H G H with H = I − 11ᵀ/K, and basis = centredᵀ q Λ^-½ = nearᵀ (q − q̄) Λ^-½
-        gram = near @ near.transpose(1, 2)
-        row = gram.mean(2, keepdim=True)
-        gram = gram - row - row.transpose(1, 2) + row.mean(1, keepdim=True)
-        r = min(self.directions, k - 1)
-        lam, q = top_eigenpairs(gram, r)
-        q = q - q.mean(1, keepdim=True)
-        basis = near.transpose(1, 2) @ q / lam.clamp_min(1e-12).sqrt()[:, None, :]
-        anchor = near[:, 0]
-        for it in range(self.iterations):
-            if it:
-                anchor = fit.nearest(ref, x0, shape, 1)[1][:, 0]
-            x0 = torch.maximum(torch.minimum(push_to_distance(x0, anchor, basis, target), fit.hi), fit.lo)
+        """Distance floor: push-and-clip ``iterations`` times along the tangent space at the
+        nearest reference sample."""
+        for _ in range(self.iterations):
+            idx, rows = fit.nearest(ref, x0, shape, 1)
+            basis = fit.tangent(ref, idx[:, 0], shape, self.neighbours, self.directions)
+            x0 = torch.maximum(torch.minimum(push_to_distance(x0, rows[:, 0], basis, target), fit.hi), fit.lo)
         return x0
 
 

@@ -99,6 +99,23 @@ def test_fit_nearest_agrees_between_brute_force_and_the_reference_index(monkeypa
     assert torch.allclose(rows_b, ref.latents.double()[idx_b], atol=0)
 
 
+def test_tangent_at_an_anchor_is_the_principal_subspace_of_its_neighbours_and_is_cached():
+    ref = _labelled(n=50, dim=6)
+    fit = ss.NoveltySteering().fit(ref)
+    anchors = torch.tensor([3, 17, 3])
+    basis = fit.tangent(ref, anchors, (6,), neighbours=10, directions=2)
+    assert basis.shape == (3, 6, 2) and sorted(fit.tangents) == [3, 17]
+    flat = ref.latents.double()
+    for b, a in zip(basis, anchors.tolist()):
+        near = flat[torch.cdist(flat[a:a + 1], flat)[0].argsort()[:10]]
+        centred = near - near.mean(0)
+        top = torch.linalg.eigh(centred.T @ centred).eigenvectors[:, -2:]
+        assert torch.allclose(b.T @ b, torch.eye(2, dtype=torch.float64), atol=1e-10)
+        assert torch.allclose(b @ b.T, top @ top.T, atol=1e-8)
+    fit.tangents[3] = torch.zeros(6, 2, dtype=torch.float64)    # a cached basis is not recomputed
+    assert torch.equal(fit.tangent(ref, torch.tensor([3]), (6,), 10, 2)[0], torch.zeros(6, 2, dtype=torch.float64))
+
+
 def test_push_reaches_the_target_inside_the_tangent_space():
     g = torch.Generator().manual_seed(1)
     x0, anchor = torch.randn(6, 8, generator=g, dtype=torch.float64), torch.zeros(6, 8, dtype=torch.float64)
