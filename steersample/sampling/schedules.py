@@ -317,31 +317,31 @@ def uniform_sigmas(
     return (1.0 - i / num_steps).to(dtype=dtype, device=device)
 
 
-def _check_mixing(mixing: float) -> float:
+def _check_mixing(mixing: float, follows: str = "profile", example: float = DEFAULT_PROFILE_MIXING) -> float:
     if isinstance(mixing, bool) or not isinstance(mixing, (int, float)):
         raise TypeError(f"mixing must be a number in [0, 1), got {mixing!r} ({type(mixing).__name__}).")
     mixing = float(mixing)
     if not (math.isfinite(mixing) and 0.0 <= mixing < 1.0):
         raise ValueError(
             f"mixing must lie in [0, 1), got {mixing!r}; it is the share of the step density that follows "
-            f"the profile (the rest is uniform, which keeps every step spent), e.g. {DEFAULT_PROFILE_MIXING}."
+            f"the {follows} (the rest is uniform, which keeps every step spent), e.g. {example}."
         )
     return mixing
 
 
-def _profile_knots(sigmas: Tensor | list[float], top1: Tensor | list[float]) -> tuple[Tensor, Tensor]:
-    """Validated profile as float64 knots ``s`` ascending on [0, 1] (0 and 1 added) and the rate
-    ``|Δtop1/Δσ|`` on each of the ``len(s) − 1`` intervals (0 outside the profile's σ range)."""
+def _curve(sigmas: Tensor | list[float], values: Tensor | list[float], what: str, hint: str,
+           name: str) -> tuple[Tensor, Tensor]:
+    """A validated curve over σ: float64 ``(s, y)`` sorted by σ ascending, σ in (0, 1], distinct."""
     s = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().flatten()
-    y = torch.as_tensor(top1, dtype=torch.float64).detach().cpu().flatten()
+    y = torch.as_tensor(values, dtype=torch.float64).detach().cpu().flatten()
     if s.numel() != y.numel() or s.numel() < 2:
         raise ValueError(
-            f"a profile needs matching sigmas and top1 with at least 2 points each, got {s.numel()} and "
-            f"{y.numel()}; pass PhaseProfile.estimate(reference) (its .sigmas and .top1)."
+            f"{what} needs sigmas and {name} of the same length, at least 2 points each; got {s.numel()} "
+            f"sigmas and {y.numel()} values. {hint}"
         )
     if not bool(torch.isfinite(s).all() & torch.isfinite(y).all()):
         raise ValueError(
-            "the profile contains NaN or inf (in sigmas or top1); re-estimate it with "
+            f"{what} contains NaN or inf (in sigmas or {name}); re-estimate it with "
             "PhaseProfile.estimate(reference) on finite reference latents."
         )
     if bool(((s <= 0) | (s > 1)).any()):
@@ -350,6 +350,14 @@ def _profile_knots(sigmas: Tensor | list[float], top1: Tensor | list[float]) -> 
     s, y = s[order], y[order]
     if bool((s.diff() <= 0).any()):
         raise ValueError("profile sigmas must be distinct; pass the profile's own grid (no repeated noise levels).")
+    return s, y
+
+
+def _profile_knots(sigmas: Tensor | list[float], top1: Tensor | list[float]) -> tuple[Tensor, Tensor]:
+    """Validated profile as float64 knots ``s`` ascending on [0, 1] (0 and 1 added) and the rate
+    ``|Δtop1/Δσ|`` on each of the ``len(s) − 1`` intervals (0 outside the profile's σ range)."""
+    s, y = _curve(sigmas, top1, "a profile", "Pass PhaseProfile.estimate(reference) (its .sigmas and .top1).",
+                  "top1")
     rate = (y.diff() / s.diff()).abs()
     knots = torch.cat([torch.zeros(1, dtype=torch.float64), s])
     rate = torch.cat([torch.zeros(1, dtype=torch.float64), rate])  # flat below the smallest profile σ
@@ -456,49 +464,21 @@ def _quantiles(num_steps: int, knots: Tensor, cdf: Tensor, dtype: torch.dtype, d
 
 
 # ----------------------------------------------------------------------------- acceleration grid
-def _check_acceleration_mixing(mixing: float) -> float:
-    if isinstance(mixing, bool) or not isinstance(mixing, (int, float)):
-        raise TypeError(f"mixing must be a number in [0, 1), got {mixing!r} ({type(mixing).__name__}).")
-    mixing = float(mixing)
-    if not (math.isfinite(mixing) and 0.0 <= mixing < 1.0):
-        raise ValueError(
-            f"mixing must lie in [0, 1), got {mixing!r}; it is the share of the step density that follows "
-            f"the acceleration (the rest is uniform, which keeps every step spent), e.g. "
-            f"{DEFAULT_ACCELERATION_MIXING}."
-        )
-    return mixing
-
-
 def _acceleration_knots(
     sigmas: Tensor | list[float], acceleration: Tensor | list[float], power: float
 ) -> tuple[Tensor, Tensor]:
     """Validated curve as float64 knots ``s`` ascending on [0, 1] (0 and 1 added) and the mean of
     ``a^p`` at the two ends of each of the ``len(s) − 1`` intervals (trapezoid; flat beyond the
     curve's σ range)."""
-    s = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().flatten()
-    a = torch.as_tensor(acceleration, dtype=torch.float64).detach().cpu().flatten()
-    if s.numel() != a.numel() or s.numel() < 2:
-        raise ValueError(
-            f"an acceleration curve needs sigmas and acceleration of the same length, at least 2 points; got "
-            f"{s.numel()} sigmas and {a.numel()} values. Pass a PhaseProfile's .sigmas and .acceleration."
-        )
-    if not bool(torch.isfinite(s).all() & torch.isfinite(a).all()):
-        raise ValueError(
-            "the acceleration curve contains NaN or inf; re-estimate it with PhaseProfile.estimate(reference) "
-            "on finite reference latents."
-        )
-    if bool(((s <= 0) | (s > 1)).any()):
-        raise ValueError(f"profile sigmas must lie in (0, 1], got min {float(s.min())!r}, max {float(s.max())!r}.")
+    s, a = _curve(sigmas, acceleration, "an acceleration curve",
+                  "Pass a PhaseProfile's .sigmas and .acceleration.", "acceleration")
     if bool((a < 0).any()):
         raise ValueError("the acceleration is a norm, so it cannot be negative; pass PhaseProfile.acceleration.")
     if not (isinstance(power, (int, float)) and not isinstance(power, bool) and math.isfinite(power) and power > 0):
         raise ValueError(
             f"power must be a finite number > 0, got {power!r}; {ACCELERATION_POWER} minimises Euler's error."
         )
-    order = torch.argsort(s)
-    s, w = s[order], a[order] ** float(power)
-    if bool((s.diff() <= 0).any()):
-        raise ValueError("profile sigmas must be distinct; pass the profile's own grid (no repeated noise levels).")
+    w = a ** float(power)
     knots = torch.cat([torch.zeros(1, dtype=torch.float64), s])
     height = torch.cat([w[:1], (w[1:] + w[:-1]) / 2])   # flat below the smallest σ
     if float(s[-1]) < 1.0:
@@ -531,7 +511,7 @@ def acceleration_cdf(
     Returns:
         ``(knots, cdf)``: float64 ``(K,)`` σ ascending from 0 to 1 and ``F`` there.
     """
-    mixing = _check_acceleration_mixing(mixing)
+    mixing = _check_mixing(mixing, "acceleration", DEFAULT_ACCELERATION_MIXING)
     knots, height = _acceleration_knots(sigmas, acceleration, power)
     mass = torch.cat([torch.zeros(1, dtype=torch.float64), (height * knots.diff()).cumsum(0)])
     cdf = (1.0 - mixing) * knots + mixing * mass / mass[-1]
@@ -551,7 +531,7 @@ def acceleration_density(
     Piecewise constant on the curve's intervals (right-continuous at a knot); integrates to 1
     over [0, 1]. Returns float64 with ``sigma``'s shape.
     """
-    mixing = _check_acceleration_mixing(mixing)
+    mixing = _check_mixing(mixing, "acceleration", DEFAULT_ACCELERATION_MIXING)
     knots, height = _acceleration_knots(sigmas, acceleration, power)
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
     if bool(((sigma < 0) | (sigma > 1) | ~torch.isfinite(sigma)).any()):
