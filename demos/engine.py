@@ -350,6 +350,9 @@ def _run_arm(name: str, model: StudioModel, request: StudioRequest, guidance: An
         call = dict(model.call)
         if isinstance(call.get("negative_prompt"), str):   # Flux: true CFG, as compare runs it
             call["negative_prompt"] = [call["negative_prompt"]] * request.num_samples
+        label = model.label(request)     # a known prompt: its store class, as compare passes it
+        if label is not None and steering and getattr(model.reference, "labels", None) is not None:
+            call["reference_labels"] = [label] * request.num_samples
         out = pipe(prompt=[request.prompt] * request.num_samples, output_type="latent",
                    **call, **common)
         latents = _unpacked(pipe, model, out.images.float())

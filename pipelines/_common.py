@@ -122,6 +122,42 @@ def check_reference(reference: Any, shape: Sequence[int]) -> None:
         )
 
 
+def check_reference_labels(reference_labels: Any, batch_size: int, num_samples: int,
+                           reference: Any) -> torch.Tensor | None:
+    """``(num_samples,)`` int64 reference class ids of a text call's samples, or None.
+
+    ``reference_labels`` names, per prompt (``batch_size`` entries, repeated for each image of
+    the prompt) or per sample (``num_samples``), the class of the labelled reference set the
+    prompt asks for, so that steerers acting per class (``NoveltySteering``, the scarce-class
+    delay of ``AttractorRepulsion``) and telemetry treat text prompts like class labels.
+    """
+    if reference_labels is None:
+        return None
+    if reference is None or getattr(reference, "labels", None) is None:
+        raise ValueError(
+            "reference_labels needs reference=ReferenceSet(latents, labels) with class labels "
+            "(the store's labels, e.g. prompt ids); pass a labelled reference or drop reference_labels"
+        )
+    labels = torch.as_tensor(reference_labels).reshape(-1)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
+        raise ValueError(f"reference_labels must be integer class ids, e.g. [2, 7]; got {reference_labels!r}")
+    if labels.numel() == batch_size and num_samples != batch_size:
+        labels = labels.repeat_interleave(num_samples // batch_size)
+    if labels.numel() != num_samples:
+        raise ValueError(
+            f"reference_labels has {labels.numel()} entries; pass one per prompt ({batch_size}) or one "
+            f"per generated image ({num_samples})"
+        )
+    known = torch.unique(reference.labels.detach().cpu())
+    unknown = sorted(set(labels.tolist()) - set(known.tolist()))
+    if unknown:
+        raise ValueError(
+            f"reference_labels {unknown} are not labels of the reference set (it has "
+            f"{known.tolist()[:20]}{' ...' if known.numel() > 20 else ''}); use the store's class ids"
+        )
+    return labels.long()
+
+
 def check_latents(latents: torch.Tensor | None, shape: Sequence[int] | None = None) -> None:
     """Raise ``ValueError`` if user ``latents`` contain NaN/inf or do not have ``shape``."""
     if latents is None:

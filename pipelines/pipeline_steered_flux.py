@@ -15,6 +15,9 @@ As in the stock pipeline, ``true_cfg_scale > 1`` without a negative prompt runs 
 explicit ``guidance=`` without one uses the empty prompt ``""`` as the negative prompt.
 Reference sets hold *unpacked* latents ``(C, H / 8, W / 8)`` (as ``vae.encode`` gives them,
 scaled and shifted as the transformer sees them); the loop packs and unpacks for telemetry.
+``reference_labels=`` (one per prompt or per image) names the class of a labelled reference set
+each prompt asks for, so that per-class steerers act on prompts as on class labels (as in
+``SteeredSD3Pipeline``).
 Also loads as a diffusers custom pipeline (``custom_pipeline=<this file>``).
 """
 
@@ -31,6 +34,7 @@ from diffusers.utils import logging
 
 from steersample.pipelines._common import (
     check_latents,
+    check_reference_labels,
     check_num_inference_steps,
     check_reference,
     finish,
@@ -104,6 +108,7 @@ class SteeredFluxPipeline(FluxPipeline):
         guidance: Any = None,
         steering: Any = None,
         reference: Any = None,
+        reference_labels: Any = None,
         return_telemetry: bool | None = None,
     ):
         """Stock ``FluxPipeline.__call__`` plus ``guidance``, ``steering``, ``reference`` and
@@ -137,6 +142,7 @@ class SteeredFluxPipeline(FluxPipeline):
         lat_w = 2 * (int(width) // (self.vae_scale_factor * 2))
         check_latents(latents, (num_samples, (lat_h // 2) * (lat_w // 2), channels * 4))
         check_reference(reference, (channels, lat_h, lat_w))
+        ref_labels = check_reference_labels(reference_labels, batch_size, num_samples, reference)
         has_negative = negative_prompt is not None or (
             negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None
         )
@@ -237,6 +243,7 @@ class SteeredFluxPipeline(FluxPipeline):
             if need_uncond
             else None,
             batched=False,
+            labels=ref_labels,
             callback_keys={"prompt_embeds": "encoder_hidden_states"},
         )
         layout = LatentLayout(

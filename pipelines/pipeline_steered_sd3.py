@@ -26,6 +26,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 
 from steersample.pipelines._common import (
     check_latents,
+    check_reference_labels,
     check_num_inference_steps,
     check_reference,
     finish,
@@ -86,6 +87,10 @@ class SteeredStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         steering: steerers or registry names, applied in order after guidance.
         reference: ``ReferenceSet`` of latents shaped like this call's latents
             ``(C, H / 8, W / 8)``, in the transformer's (scaled) latent space.
+        reference_labels: optional class ids of a labelled ``reference`` (e.g. a store whose
+            labels are prompt ids), one per prompt or per image: the class each prompt asks
+            for, so that per-class steerers (``NoveltySteering``, ``AttractorRepulsion``'s
+            scarce-class delay) act on text prompts as on class labels.
         return_telemetry: None (default) attaches ``steersample.Telemetry`` as
             ``output.telemetry``; True also returns it in the ``return_dict=False`` tuple; False
             records none (fastest).
@@ -157,6 +162,7 @@ class SteeredStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         guidance: Any = None,
         steering: Any = None,
         reference: Any = None,
+        reference_labels: Any = None,
         return_telemetry: bool | None = None,
     ):
         """Stock ``StableDiffusion3Pipeline.__call__`` plus ``guidance``, ``steering``,
@@ -190,6 +196,7 @@ class SteeredStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         shape = (channels, int(height) // self.vae_scale_factor, int(width) // self.vae_scale_factor)
         check_latents(latents, (num_samples, *shape))
         check_reference(reference, shape)
+        ref_labels = check_reference_labels(reference_labels, batch_size, num_samples, reference)
         device = self._execution_device
         self._joint_attention_kwargs = joint_attention_kwargs
         self._clip_skip = clip_skip
@@ -267,6 +274,7 @@ class SteeredStableDiffusion3Pipeline(StableDiffusion3Pipeline):
             if need_uncond
             else None,
             batched=True,
+            labels=ref_labels,
             callback_keys={
                 "prompt_embeds": "encoder_hidden_states",
                 "pooled_prompt_embeds": "pooled_projections",

@@ -21,13 +21,14 @@ from steersample.commands._prompt_runs import generate, judge_prompts, load_inpu
 
 __all__ = ["prompt_grid", "run_audit", "select_best"]
 
-_FAMILIES = ("plain", "jain-delayed", "jain-opposite", "cfg-interval", "attractor")
+_FAMILIES = ("plain", "jain-delayed", "jain-opposite", "cfg-interval", "attractor")   # label-free
 
 
-def prompt_grid(guidance: float, quick: bool):
+def prompt_grid(guidance: float, quick: bool, labelled: bool = False):
     """The digits grid's label-free methods (``evaluation.audit``), AttractorRepulsion at
-    strengths 1.5 and 2 (default grid), and AttractorRepulsion with Jain et al.'s delayed
-    guidance (text prompts have no per-sample scarcity test)."""
+    strengths 1.5 and 2 (default grid), AttractorRepulsion with Jain et al.'s delayed guidance,
+    and, when the store's labels name the prompts (``labelled``: each call passes
+    ``reference_labels``), NoveltySteering as in the digits grid."""
     from steersample.evaluation.audit import Method, default_grid, quick_grid
     from steersample.steering.attractor import AttractorRepulsion
 
@@ -41,6 +42,8 @@ def prompt_grid(guidance: float, quick: bool):
                        (AttractorRepulsion(strength=0.5),)))
     if quick:
         grid = [m for m in grid if m.name != "attractor-0.5+jain-delayed"] + [grid[-1]]
+    if labelled:
+        grid += [m for m in base if m.family == "novelty"]
     return tuple(grid)
 
 
@@ -72,7 +75,7 @@ def run_audit(args, check_writable, write_atomic) -> int:
     check_writable(args.out)
     start = time.perf_counter()
     inputs = load_inputs(args)
-    grid = prompt_grid(args.guidance, args.grid == "quick")
+    grid = prompt_grid(args.guidance, args.grid == "quick", inputs.labelled)
     rare = [i for i in inputs.groups.get("rare", [])]
     prompts, seeds, which = [], [], []
     for i in range(len(inputs.prompts)):
@@ -82,8 +85,8 @@ def run_audit(args, check_writable, write_atomic) -> int:
     which = torch.tensor(which)
     batches = [range(s, min(s + args.batch_size, len(seeds))) for s in range(0, len(seeds), args.batch_size)]
     timing_group = rare or list(range(len(inputs.prompts)))
-    tp, ts, _ = seeds_for(inputs, timing_group, max(1, -(-args.batch_size // len(timing_group))), args.seed)
-    tp, ts = tp[:args.batch_size], ts[:args.batch_size]
+    tp, ts, tw = seeds_for(inputs, timing_group, max(1, -(-args.batch_size // len(timing_group))), args.seed)
+    tp, ts, tw = tp[:args.batch_size], ts[:args.batch_size], inputs.labels_of(tw[:args.batch_size].tolist())
     rows, samples_of, times = [], {}, {m.name: [] for m in grid}
     with tqdm(total=len(grid) * (len(batches) + args.timing_repeats), desc="audit", unit="batch",
               disable=args.no_progress) as bar:
@@ -91,7 +94,8 @@ def run_audit(args, check_writable, write_atomic) -> int:
             parts, evals = [], 0
             for items in batches:
                 x, e, _ = generate(inputs, prompts[items.start:items.stop], seeds[items.start:items.stop],
-                                   m.guidance, m.steering, args.steps)
+                                   m.guidance, m.steering, args.steps,
+                                   labels=inputs.labels_of(which[items.start:items.stop].tolist()))
                 parts.append(x)
                 evals = max(evals, e)
                 bar.update(1)
@@ -104,7 +108,8 @@ def run_audit(args, check_writable, write_atomic) -> int:
                          "per_prompt": judged["per_prompt"], "model_evals_per_sample": evals})
         for _ in range(args.timing_repeats):   # interleaved: each pass times every method once
             for m in grid:
-                times[m.name].append(generate(inputs, tp, ts, m.guidance, m.steering, args.steps)[2])
+                times[m.name].append(generate(inputs, tp, ts, m.guidance, m.steering, args.steps,
+                                              labels=tw)[2])
                 bar.update(1)
     plain_s = min(times["plain"]) if times["plain"] else None
     for r in rows:

@@ -40,9 +40,11 @@ def _validate(args) -> None:
 
 
 def prompt_settings(guidance: float) -> tuple[Setting, Setting]:
-    """(plain, steered) for a prompt model: constant CFG, and ``recommended_for_scale`` for an
-    unlabelled call (text prompts carry no class labels to the steerers): the same CFG plus
-    ``AttractorRepulsion(strength=0.5)``."""
+    """(plain, steered) for a prompt model: constant CFG, and the same CFG plus
+    ``AttractorRepulsion(strength=0.5)`` (``recommended_for_scale(..., labelled=False)``): the
+    prompt audit's choice, since NoveltySteering keeps too little precision on the prompt
+    testbed (README). Calls still pass each prompt's store label as ``reference_labels`` when
+    the store's labels name the prompts, so the attractor's scarce-class delay applies."""
     from steersample.sampling.guidance import GuidanceSchedule
     from steersample.steering.recommended import recommended_for_scale
 
@@ -71,7 +73,8 @@ def run_compare(args, check_writable, write_atomic) -> int:
             parts, evals, seconds = [], 0, 0.0
             for items in batches:
                 x, e, s = generate(inputs, prompts[items.start:items.stop], seeds[items.start:items.stop],
-                                   setting.guidance, setting.steering, args.steps, bar)
+                                   setting.guidance, setting.steering, args.steps, bar,
+                                   labels=inputs.labels_of(which[items.start:items.stop].tolist()))
                 parts.append(x)
                 evals, seconds = max(evals, e), seconds + s
             samples = torch.cat(parts)

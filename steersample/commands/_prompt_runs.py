@@ -61,6 +61,15 @@ class PromptInputs:
     groups: dict                   # group -> [prompt index]
     paths: dict                    # what was loaded from where (for the report)
 
+    @property
+    def labelled(self) -> bool:
+        """Every prompt names a class of the (labelled) reference store."""
+        return bool(self.prompts) and all(p.label is not None for p in self.prompts)
+
+    def labels_of(self, which) -> list[int] | None:
+        """The store class ids of the prompts ``which`` (prompt indices), or None when unlabelled."""
+        return [self.prompts[int(i)].label for i in which] if self.labelled else None
+
 
 def uses_prompt_model(args) -> bool:
     """True when the arguments ask for a text-to-image run (``--reference``/``--prompts``/
@@ -218,9 +227,11 @@ def load_inputs(args) -> PromptInputs:
 
 # ----------------------------------------------------------------------------- generation
 def generate(inputs: PromptInputs, prompts: list[str], seeds: list[int], guidance, steering,
-             steps: int, bar=None) -> tuple[torch.Tensor, int, float]:
+             steps: int, bar=None, labels: list[int] | None = None) -> tuple[torch.Tensor, int, float]:
     """Latents ``(B, *latent_shape)`` (unpacked), model evaluations per sample, seconds.
 
+    ``labels``: each prompt's class id in the store (:meth:`PromptInputs.labels_of`), passed to
+    steered calls as ``reference_labels`` so that per-class steerers see the prompt's class.
     Seconds are what the user pays for the sampling call (no telemetry recorded); model
     evaluations are counted by a forward hook on the transformer (rows seen / samples)."""
     from steersample.commands._timed import timed_call
@@ -230,7 +241,8 @@ def generate(inputs: PromptInputs, prompts: list[str], seeds: list[int], guidanc
     extra = {"negative_prompt": [""] * len(prompts)} if inputs.kind == "flux" else {}
     out, rows, seconds = timed_call(
         pipe, bar, prompt=prompts, guidance=guidance, steering=list(steering),
-        reference=inputs.reference if steering else None, num_inference_steps=steps,
+        reference=inputs.reference if steering else None,
+        reference_labels=labels if steering else None, num_inference_steps=steps,
         generator=seeded_generators(seeds), **inputs.call, **extra)
     x = out.images.float()
     if inputs.kind == "flux":   # packed (B, L, 4C) -> (B, C, H, W)

@@ -80,6 +80,7 @@ def test_compare_on_sd3_folder_writes_report(folder, tmp_path, capsys):
         assert set(run["groups"]) == {"rare", "frequent"}
         assert run["groups"]["rare"]["z_u_min"] is not None
     assert "accuracy" not in report["results"]["plain"] and "fd" not in report["results"]["plain"]
+    assert report["results"]["steered"]["steering"][0].startswith("AttractorRepulsion(")
     md = (out / "report.md").read_text()
     assert "## Per group" in md and "| a fox | rare |" in md
     assert "wrote" in capsys.readouterr().out
@@ -111,6 +112,7 @@ def test_audit_on_sd3_folder(folder, tmp_path):
     summary = json.loads((out / "audit.json").read_text())
     names = [r["method"] for r in summary["results"]]
     assert names[0] == "plain" and "attractor-0.5" in names and summary["best"] in names[1:]
+    assert "novelty" in names          # labelled store: the per-class steerer joins the grid
     for r in summary["results"]:
         assert set(r["groups"]) == {"rare", "frequent"} and r["seconds"] > 0
         counts = {row["prompt"]: row["samples"] for row in r["per_prompt"]}
@@ -193,3 +195,32 @@ def test_prompt_runs_refuse_a_launcher(folder, tmp_path, capsys, monkeypatch, no
 
     with pytest.raises(ValueError, match="one process"):
         runs._check_single_process()
+
+
+def test_steered_prompt_calls_carry_each_prompts_store_label(folder, monkeypatch):
+    """generate() tells steered calls which store class each prompt is (reference_labels)."""
+    from argparse import Namespace
+
+    from steersample.commands import _timed
+
+    inputs = _prompt_runs.load_inputs(Namespace(
+        model=str(folder / "model"), reference=str(folder / "ref"),
+        prompts=str(folder / "prompts.txt"), heldout=str(folder / "held")))
+    assert inputs.labelled and inputs.labels_of([2, 0]) == [2, 0]
+    seen = []
+    real = _timed.timed_call
+
+    def spy(pipe, bar, **kwargs):
+        seen.append(kwargs.get("reference_labels"))
+        return real(pipe, bar, **kwargs)
+
+    monkeypatch.setattr(_timed, "timed_call", spy)
+    from steersample.sampling.guidance import GuidanceSchedule
+    from steersample.steering.attractor import AttractorRepulsion
+
+    prompts, seeds, which = _prompt_runs.seeds_for(inputs, [2, 0], 1, 0)
+    labels = inputs.labels_of(which.tolist())
+    _prompt_runs.generate(inputs, prompts, seeds, GuidanceSchedule.constant(2.0),
+                          (AttractorRepulsion(0.5),), 2, labels=labels)
+    _prompt_runs.generate(inputs, prompts, seeds, GuidanceSchedule.constant(2.0), (), 2, labels=labels)
+    assert seen == [[2, 0], None]     # plain calls get no reference, so no labels either

@@ -151,3 +151,28 @@ def test_reference_layout_is_unpacked_latents(steered):
     assert tel.final.is_copy.tolist() == [True, True]
     assert tel.final.nearest_index.tolist() == [0, 1]
     assert tel.oracle_top1.shape == (STEPS, 2) and tel.nearest_index.shape == (STEPS, 2)
+
+
+def test_reference_labels_reach_the_steerers_and_are_checked(steered):
+    from steersample.reference.reference_set import ReferenceSet
+    from steersample.sampling.protocol import SteeringOutput
+
+    seen = []
+
+    class Recorder:
+        name = "recorder"
+
+        def __call__(self, state):
+            seen.append(None if state.labels is None else state.labels.tolist())
+            return SteeringOutput(state.pred, {})
+
+    recorder = Recorder()
+
+    ref = ReferenceSet(torch.randn(6, 1, 16, 16, generator=gen(4)), labels=torch.tensor([0, 0, 1, 1, 2, 2]))
+    call(steered, steering=[recorder], reference=ref, reference_labels=[2, 0], num_images_per_prompt=2)
+    assert seen and all(s == [2, 2, 0, 0] for s in seen)
+    seen.clear()
+    call(steered, steering=[recorder], reference=ref)
+    assert seen and all(s is None for s in seen)
+    with pytest.raises(ValueError, match=r"\[5\] are not labels of the reference set"):
+        call(steered, steering=[recorder], reference=ref, reference_labels=[5, 0])

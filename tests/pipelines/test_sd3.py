@@ -191,3 +191,57 @@ def test_reference_shape_mismatch(steered):
         with pytest.raises(ValueError, match=r"per-sample shape \(4, 16, 16\).*\(4, 8, 8\)"):
             call(steered, reference=ref)
     assert count.calls == 0
+
+
+def _labelled_reference(per_class=(2, 40, 40)):
+    """A labelled reference in this call's latent shape: class 0 scarce (2 < 40 / 4), 1 and 2 frequent."""
+    from steersample.reference.reference_set import ReferenceSet
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(per_class)])
+    return ReferenceSet(torch.randn(len(labels), 4, 8, 8, generator=g), labels=labels)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(reference_labels=[0, 1]), "needs reference=ReferenceSet"),
+        (dict(reference_labels=[0, 1, 1]), "3 entries; pass one per prompt \\(2\\) or one per generated image \\(2\\)"),
+        (dict(reference_labels=[0.0, 1.0]), "integer class ids"),
+        (dict(reference_labels=[0, 7]), r"\[7\] are not labels of the reference set"),
+    ],
+)
+def test_reference_labels_are_checked_before_any_model_call(steered, kw, match):
+    kw = dict(kw)
+    if "needs reference" not in match:
+        kw["reference"] = _labelled_reference()
+    with Counter(steered.transformer, 1) as count:
+        with pytest.raises(ValueError, match=match):
+            call(steered, **kw)
+    assert count.calls == 0
+
+
+def test_reference_labels_let_novelty_steer_the_scarce_prompt_only(steered):
+    """Prompt 0 names the scarce class, prompt 1 the frequent one: NoveltySteering changes the
+    first sample, leaves the second bit for bit; without labels it changes nothing."""
+    import steersample as ss
+
+    ref = _labelled_reference()
+    kw = dict(guidance_scale=3.0, generator=[gen(1), gen(2)], num_inference_steps=6)
+    plain = call(steered, **kw)
+    kw["generator"] = [gen(1), gen(2)]
+    steered_out = call(steered, steering=[ss.NoveltySteering()], reference=ref, reference_labels=[0, 1], **kw)
+    assert max_diff(steered_out[0], plain[0]) > 1e-3
+    assert torch.equal(torch.as_tensor(steered_out[1]), torch.as_tensor(plain[1]))
+    kw["generator"] = [gen(1), gen(2)]
+    unlabelled = call(steered, steering=[ss.NoveltySteering()], reference=ref, **kw)
+    assert torch.equal(torch.as_tensor(unlabelled), torch.as_tensor(plain))
+
+
+def test_reference_labels_per_prompt_repeat_for_each_image(steered):
+    from steersample.pipelines._common import check_reference_labels
+
+    ref = _labelled_reference()
+    assert check_reference_labels([1, 0], 2, 6, ref).tolist() == [1, 1, 1, 0, 0, 0]
+    assert check_reference_labels(torch.tensor([0, 1, 1]), 1, 3, ref).tolist() == [0, 1, 1]
+    assert check_reference_labels(None, 2, 2, None) is None
