@@ -1,18 +1,19 @@
 """Quality per model evaluation: which σ grid reaches a given FD with the fewest model calls.
 
-For each testbed (the embedded ``digits`` default and, when its assets exist, ``letters``), the
-frequent classes are sampled with CFG 2 on several σ grids at 2-30 steps, with CFG everywhere
+For each testbed (the embedded ``digits`` default and, when its assets exist, ``letters``; on
+request ``prompt``, the SD3 testbed, whose classes are sampled by their prompts and judged in
+VAE-latent space), the frequent classes are sampled with CFG 2 on several σ grids at 2-30 steps, with CFG everywhere
 and with CFG only in the window σ ∈ (0.4, 0.9] (Kynkäänniemi et al., arXiv 2404.07724), and
 judged against the held-out real images of each class:
 
 - **FD**: Fréchet distance per class in a fixed 16-d PCA feature space, averaged over the
   frequent classes. digits: ``steersample.evaluation.judge.frechet_distance`` (PCA of all
-  1,797 digits); letters: the same formula in the 16-d PCA of all rendered letters (training
-  plus held-out images). Equal sample counts for every arm (FD is biased by the count).
+  1,797 digits); letters (and prompt): the same formula in the 16-d PCA of all its training
+  plus held-out images (prompt: latents). Equal sample counts for every arm (FD is biased by the count).
 - **precision / recall**, k = 3 (Kynkäänniemi et al. 2019), per class against the held-out
   images (pixel space), averaged; ``ss.metrics.precision_recall``.
-- **accuracy**: the judge's class accuracy (digits: ``judge.class_accuracy``; letters: an
-  ``SVC(C=10, gamma="scale")`` fitted on all rendered letters).
+- **accuracy**: the judge's class accuracy (digits: ``judge.class_accuracy``; letters and
+  prompt: an ``SVC(C=10, gamma="scale")`` fitted on all its training plus held-out images).
 - **NFE**: model evaluations per sample, counted from the grid: one conditional pass per
   evaluated σ plus one unconditional pass where the guidance needs it
   (``GuidanceSchedule.count_evaluations``): 2N with CFG everywhere, fewer with the window.
@@ -51,7 +52,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -122,6 +123,14 @@ class Testbed:
     fd: Callable[[torch.Tensor, torch.Tensor], float]
     accuracy: Callable[[torch.Tensor, torch.Tensor], float]
     profile: PhaseProfile
+    call: dict = field(default_factory=dict)   # prompt testbed: extra call arguments
+
+    def sample(self, labels: list[int], **kwargs) -> torch.Tensor:
+        """Latents of one call: class labels, or (prompt testbed) the class names as prompts."""
+        if self.name != "prompt":
+            return self.pipe(class_labels=labels, **kwargs).images
+        names = load_default_info(self.name).class_names
+        return self.pipe(prompt=[names[c] for c in labels], **self.call, **kwargs).images
 
 
 def load_testbed(name: str) -> Testbed:
@@ -151,7 +160,11 @@ def load_testbed(name: str) -> Testbed:
             return float((svc.predict(x.flatten(1).double().numpy()) == np.asarray(y)).mean())
 
     profile = PhaseProfile.estimate(ref, torch.Generator().manual_seed(0))
-    return Testbed(name, pipe, ref, dict(pipe.scheduler.config), classes, held, fd, accuracy, profile)
+    call = {}
+    if name == "prompt":   # the testbed's call defaults (no T5 tokens, 16x16 images)
+        call = json.loads((Path(info.path) / "metadata.json").read_text()).get("call", {})
+    return Testbed(name, pipe, ref, dict(pipe.scheduler.config), classes, held, fd, accuracy, profile,
+                   call)
 
 
 # ----------------------------------------------------------------------------- grids
@@ -180,9 +193,9 @@ def run_arm(bed: Testbed, scheduler, sigmas, n: int, guidance: GuidanceSchedule,
     gens = [torch.Generator().manual_seed(base_seed + 100_000 * group + 1_000 * c + i)
             for c in bed.classes for i in range(per_class)]
     bed.pipe.scheduler = scheduler
-    x = bed.pipe(class_labels=labels, num_inference_steps=n, sigmas=sigmas, guidance=guidance,
-                 generator=gens, output_type="latent", return_telemetry=False).images
-    x = x.clamp(-1, 1).float()
+    x = bed.sample(labels, num_inference_steps=n, sigmas=sigmas, guidance=guidance,
+                   generator=gens, output_type="latent", return_telemetry=False)
+    x = x.float() if bed.name == "prompt" else x.clamp(-1, 1).float()   # pixels: as decoded
     probe = copy.deepcopy(scheduler)  # the grid the pipeline's per-run copy sampled on
     probe.set_timesteps(n) if sigmas is None else probe.set_timesteps(sigmas=sigmas)
     evaluated = probe.sigmas
