@@ -78,17 +78,33 @@ def _count(value: Any, name: str, low: int) -> int:
     return int(value)
 
 
-def leave_one_out_distances(reference: ReferenceSet) -> torch.Tensor:
-    """``(N,)`` float64: each reference sample's distance to its nearest *other* sample."""
+def leave_one_out_distances(reference: ReferenceSet, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """``(N,)`` float64: each reference sample's distance to its nearest *other* sample.
+
+    ``groups``: optional ``(N,)`` integer ids of near-duplicate groups (augmentations or crops
+    of one source image, jittered renders of one font): a sample's own group is left out with
+    it, so the distance is the one an unseen source would have, not a sibling's.
+    """
     n = len(reference)
+    if groups is not None:
+        groups = torch.as_tensor(groups).reshape(-1).cpu()
+        if groups.numel() != n or groups.dtype.is_floating_point or groups.dtype == torch.bool:
+            raise ValueError(f"groups must be {n} integer ids, one per reference sample (same order), "
+                             f"got {groups.numel()} of dtype {groups.dtype}")
     if n * max(n, reference.dim) <= _BRUTE_FORCE:   # small: one exact float64 distance matrix
         flat = reference.latents.reshape(n, -1).detach().to("cpu", torch.float64)
         dist = torch.cdist(flat, flat).fill_diagonal_(math.inf)
+        if groups is not None:
+            dist = dist.masked_fill(groups[:, None] == groups[None], math.inf)
         return dist.min(1).values
-    dist, idx = reference.nearest(reference.latents, k=2)
+    largest = 1 if groups is None else int(torch.unique(groups, return_counts=True)[1].max())
+    k = min(n, largest + 1)        # at least one neighbour outside the sample's own group
+    dist, idx = reference.nearest(reference.latents, k=k)
     dist, idx = torch.as_tensor(dist).cpu().double(), torch.as_tensor(idx).cpu()
-    self_first = idx[:, 0] == torch.arange(len(reference))
-    return torch.where(self_first, dist[:, 1], dist[:, 0])
+    own = idx == torch.arange(n)[:, None]
+    if groups is not None:
+        own |= groups[idx] == groups[:, None]
+    return dist.masked_fill(own, math.inf).min(1).values
 
 
 def top_eigenpairs(gram: torch.Tensor, r: int, oversample: int = 8,
@@ -208,6 +224,10 @@ class NoveltySteering:
         iterations: push-and-clip repetitions per step (3).
         scarce: classes with fewer reference samples than this are steered; None: a quarter of
             the median class count of the reference set.
+        groups: optional ``(N,)`` ids of near-duplicate groups in the reference set (the rows'
+            order): the distance targets then leave a sample's whole group out
+            (:func:`leave_one_out_distances`). Without them, a training set of augmented copies
+            sets targets at the distance between siblings, nearer than unseen data.
     """
 
     name: ClassVar[str] = "novelty"
@@ -216,7 +236,7 @@ class NoveltySteering:
     def __init__(self, strength: float = 1.0, sigma_nav: float = 0.9, classifier_scale: float = 1.0,
                  clean_sigma: float = 0.25, clean_scale: float = 1.0, push_sigma: float = 0.35,
                  neighbours: int = 48, directions: int | None = None, iterations: int = 3,
-                 scarce: int | None = None) -> None:
+                 scarce: int | None = None, groups: torch.Tensor | None = None) -> None:
         self.sigma_nav = _sigma(sigma_nav, "sigma_nav")
         self.clean_sigma = _sigma(clean_sigma, "clean_sigma")
         self.push_sigma = _sigma(push_sigma, "push_sigma")
@@ -235,12 +255,14 @@ class NoveltySteering:
                            else _count(directions, "directions", 1))
         self.iterations = _count(iterations, "iterations", 1)
         self.scarce = None if scarce is None else _count(scarce, "scarce", 0)
+        self.groups = None if groups is None else torch.as_tensor(groups).reshape(-1).cpu()
 
     def __repr__(self) -> str:
         return (f"NoveltySteering(strength={self.strength:g}, sigma_nav={self.sigma_nav:g}, classifier_scale="
                 f"{self.classifier_scale:g}, clean_sigma={self.clean_sigma:g}, clean_scale="
                 f"{self.clean_scale:g}, push_sigma={self.push_sigma:g}, neighbours={self.neighbours}, "
-                f"directions={self.directions}, iterations={self.iterations}, scarce={self.scarce})")
+                f"directions={self.directions}, iterations={self.iterations}, scarce={self.scarce}"
+                + (")" if self.groups is None else f", groups=<{self.groups.numel()} ids>)"))
 
     def bind(self, pipeline: Any) -> "NoveltyRun":
         """The per-run steerer (holds the fit, quantiles and targets); the loop calls this."""
@@ -259,7 +281,7 @@ class NoveltySteering:
         scarce = self.scarce if self.scarce is not None else int(present.median().item() / 4)
         small = flat.numel() <= _BRUTE_FORCE
         return _Fit(GaussianClassModel.fit(reference), counts, scarce,
-                    leave_one_out_distances(reference), labels, flat.min(0).values,
+                    leave_one_out_distances(reference, self.groups), labels, flat.min(0).values,
                     flat.max(0).values, flat if small else None,
                     (flat * flat).sum(1) if small else None)
 

@@ -83,6 +83,29 @@ def test_leave_one_out_distances_agree_between_brute_force_and_the_index(monkeyp
     assert torch.allclose(leave_one_out_distances(ref), brute, atol=1e-5)
 
 
+def test_leave_one_group_out_distances_skip_near_duplicates(monkeypatch):
+    """Pairs of near-duplicates: leaving the group out gives the distance to the other pairs,
+    by brute force and through the reference index alike; groups must match the rows."""
+    from steersample.steering import novelty
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(12, 5, generator=g, dtype=torch.float64) * 3
+    x = torch.cat([base, base + 0.01 * torch.randn(12, 5, generator=g, dtype=torch.float64)])
+    ref = ss.ReferenceSet(x.float(), labels=torch.zeros(24, dtype=torch.long))
+    groups = torch.arange(12).repeat(2)
+    flat = ref.latents.double()
+    dist = torch.cdist(flat, flat).masked_fill(groups[:, None] == groups[None], math.inf)
+    expect = dist.min(1).values
+    assert torch.allclose(leave_one_out_distances(ref, groups), expect, atol=1e-6)
+    assert float(leave_one_out_distances(ref).max()) < 0.1 < float(expect.min())   # siblings
+    monkeypatch.setattr(novelty, "_BRUTE_FORCE", 0)
+    assert torch.allclose(leave_one_out_distances(ref, groups), expect, atol=1e-5)
+    with pytest.raises(ValueError, match="24 integer ids, one per reference sample"):
+        leave_one_out_distances(ref, torch.arange(5))
+    assert torch.allclose(ss.NoveltySteering(groups=groups).fit(ref).loo, expect, atol=1e-5)
+    assert "groups=<24 ids>" in repr(ss.NoveltySteering(groups=groups))
+
+
 def test_fit_nearest_agrees_between_brute_force_and_the_reference_index(monkeypatch):
     from steersample.steering import novelty
 
