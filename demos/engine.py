@@ -86,11 +86,12 @@ class StudioModel:
 
     @property
     def steerers(self) -> list[str]:
-        """The steering methods this model offers (``settings.steerer_names`` less those that
-        need class labels, for prompt models)."""
+        """The steering methods this model offers (``settings.steerer_names``, less those that
+        need class labels for a prompt model whose store labels do not name its prompts)."""
         from steersample.studio.settings import steerers_for
 
-        return steerers_for(self.kind)
+        labelled = bool(self.prompt_labels) and getattr(self.reference, "labels", None) is not None
+        return steerers_for(self.kind, labelled)
 
     def label(self, request: StudioRequest) -> int | None:
         """The reference label a request samples: its class, or its prompt's id when known."""
@@ -235,8 +236,11 @@ def load_prompt_model(model: str | Path, reference: str | Path | None = None,
     return StudioModel(name, inputs.pipe, inputs.reference, "prompt",
                        description=f"{folder.name}: {type(inputs.pipe).__name__} with its "
                                    f"training set ({len(inputs.reference)} latents; {what}). "
-                                   "Novelty steering needs class labels, so it is not offered "
-                                   "for prompt models; attractor steering is.",
+                                   + ("Its store's labels name the prompts, so novelty steering "
+                                      "works on them (not on free text)."
+                                      if labels and inputs.reference.labels is not None else
+                                      "Novelty steering needs class labels, which this store does "
+                                      "not give its prompts; attractor steering works."),
                        heldout=heldout_pair,
                        call={**inputs.call, **({"negative_prompt": ""} if inputs.kind == "flux"
                                                else {})},

@@ -68,8 +68,8 @@ def _slider(name: str, **overrides: Any) -> gr.Slider:
 
 def _model_controls(model: StudioModel, steering: str | None = None) -> tuple:
     """Updates for (class, prompt, prompt chooser, description, shift, steering) when ``model``
-    is selected (a prompt model starts on its first prompt and offers only the steerers that
-    need no class labels)."""
+    is selected (a prompt model starts on its first prompt and offers the steerers it can run:
+    ``StudioModel.steerers``)."""
     is_class = model.kind == "class"
     choices = [(name, c) for c, name in enumerate(model.class_names)]
     offered = model.steerers

@@ -136,16 +136,21 @@ def steerer_names() -> list[str]:
 
 
 CLASS_ONLY_STEERERS: dict[str, str] = {
-    "novelty": "NoveltySteering needs class labels (its class model and per-class distances), "
-               "so prompt models do not offer it; use attractor",
+    "novelty": "NoveltySteering needs class labels (its class model and per-class distances): "
+               "a prompt model offers it only when its store's labels name its prompts; use attractor",
 }
-"""Steerers that need class labels, with why: not offered for prompt (text-to-image) models."""
+"""Steerers that need class labels, with why: offered for a prompt (text-to-image) model only
+when its reference store's labels name the prompts (each run passes the prompt's label as
+``reference_labels``)."""
 
 
-def steerers_for(kind: str) -> list[str]:
-    """The steering methods a model of ``kind`` (``"class"`` or ``"prompt"``) offers."""
+def steerers_for(kind: str, labelled: bool = False) -> list[str]:
+    """The steering methods a model of ``kind`` (``"class"`` or ``"prompt"``) offers; a prompt
+    model whose store labels name its prompts (``labelled``) offers all of them."""
     names = steerer_names()
-    return names if kind == "class" else [n for n in names if n not in CLASS_ONLY_STEERERS]
+    if kind == "class" or labelled:
+        return names
+    return [n for n in names if n not in CLASS_ONLY_STEERERS]
 
 
 def steerer_strength_parameter(name: str) -> str | None:
@@ -354,10 +359,14 @@ def parse_request(values: Mapping[str, Any], *, models: Mapping[str, Any]) -> St
     names = steerer_names()
     if values["steering"] not in names:
         raise ValueError(f"Steering: unknown method {values['steering']!r}; choose one of {names}")
-    if values["steering"] not in steerers_for(model.kind):
+    if values["steering"] not in model.steerers:
         raise ValueError(f"Steering {values['steering']!r}: "
                          f"{CLASS_ONLY_STEERERS[values['steering']]} (model {name!r} is a "
-                         f"text-to-image model; it offers {steerers_for(model.kind)})")
+                         f"text-to-image model; it offers {model.steerers})")
+    if (values["steering"] in CLASS_ONLY_STEERERS and model.kind == "prompt"
+            and prompt not in model.prompt_labels):
+        raise ValueError(f"Steering {values['steering']!r} needs the prompt's class in the store: pick "
+                         f"one of model {name!r}'s prompts (free text has no class there), or use attractor")
     return StudioRequest(model=name, class_id=class_id, prompt=prompt, window_relative=relative,
                          schedule=values["schedule"], steering=values["steering"], **numbers_)
 

@@ -59,13 +59,32 @@ def _same_tiles(gallery, comparison) -> bool:
         for item, (tile, caption) in zip(gallery, expected))
 
 
-def test_prompt_model_offers_its_prompts_and_attractor_but_not_novelty(model):
+def test_prompt_model_offers_novelty_on_its_labelled_prompts_only(model):
+    """The testbed's store labels name its prompts, so novelty is offered and runs on a known
+    prompt (the prompt's label reaches the steerer); free text has no class and is refused."""
     assert model.kind == "prompt" and model.prompts[0] == "a digit zero"
     assert "a digit two" in model.prompts and model.prompt_labels["a digit two"] == 2
-    assert "attractor" in model.steerers and "novelty" not in model.steerers
-    assert "Novelty steering needs class labels" in model.description
-    with pytest.raises(ValueError, match="NoveltySteering needs class labels.*use attractor"):
-        parse_request({**PROMPT_REQUEST, "steering": "novelty"}, models={PROMPT_MODEL: model})
+    assert "attractor" in model.steerers and "novelty" in model.steerers
+    assert "novelty steering works on them" in model.description
+    with pytest.raises(ValueError, match="needs the prompt's class in the store.*or use attractor"):
+        parse_request({**PROMPT_REQUEST, "steering": "novelty", "prompt": "a red fox"},
+                      models={PROMPT_MODEL: model})
+    request = parse_request({**PROMPT_REQUEST, "steering": "novelty", "num_samples": 2},
+                            models={PROMPT_MODEL: model})
+    comparison = run_comparison(model, request)
+    # the rare prompt "a digit two": plain copies, novelty moves the samples away
+    assert not torch.equal(comparison.plain.latents, comparison.steered.latents)
+
+
+def test_a_store_without_prompt_labels_offers_no_novelty(model):
+    from dataclasses import replace
+
+    from steersample.studio.settings import CLASS_ONLY_STEERERS
+
+    unlabelled = replace(model, prompt_labels={})
+    assert "novelty" not in unlabelled.steerers and "attractor" in unlabelled.steerers
+    with pytest.raises(ValueError, match=re.escape(CLASS_ONLY_STEERERS["novelty"][:40])):
+        parse_request({**PROMPT_REQUEST, "steering": "novelty"}, models={PROMPT_MODEL: unlabelled})
 
 
 def test_prompt_run_returns_both_sides_with_nearest_image_badge_and_distance(server, model):
@@ -170,12 +189,16 @@ def test_a_flux_folder_is_served_with_its_store_unpacked_and_guided(tmp_path):
         assert len(arm.relative_distances) == 2 and len(arm.ratios) == 2
 
 
-def test_picking_the_prompt_model_offers_its_prompts_and_drops_novelty(model):
+def test_picking_the_prompt_model_offers_its_prompts_and_keeps_what_it_can_run(model):
+    from dataclasses import replace
+
     from steersample.studio.page import _model_controls
 
     class_box, prompt, chooser, info, shift, steering = _model_controls(model, "novelty")
     assert class_box["visible"] is False
     assert prompt["visible"] is True and prompt["value"] == "a digit zero"
     assert chooser["visible"] is True and "a digit two" in chooser["choices"]
-    assert "novelty" not in steering["choices"] and steering["value"] == "attractor"
+    assert "novelty" in steering["choices"] and steering["value"] == "novelty"
     assert _model_controls(model, "none")[5]["value"] == "none"
+    unlabelled = _model_controls(replace(model, prompt_labels={}), "novelty")[5]
+    assert "novelty" not in unlabelled["choices"] and unlabelled["value"] == "attractor"
