@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "DEFAULT_PROFILE_MIXING": "steersample.sampling.schedules",
     "acceleration_cdf": "steersample.sampling.schedules",
     "acceleration_density": "steersample.sampling.schedules",
+    "acceleration_mixing": "steersample.sampling.schedules",
     "acceleration_sigmas": "steersample.sampling.schedules",
     "DEFAULT_ACCELERATION_MIXING": "steersample.sampling.schedules",
     "ACCELERATION_POWER": "steersample.sampling.schedules",

@@ -107,12 +107,13 @@ def _profile_lists(
         mixing = DEFAULT_PROFILE_MIXING if mixing is None else mixing
         profile_cdf(knots_sigmas, knots_top1, mixing)  # raises, naming the fix, on a bad profile or λ
         return knots_sigmas.tolist(), knots_top1.tolist(), float(mixing), None
-    mixing = DEFAULT_ACCELERATION_MIXING if mixing is None else mixing
     knots_acc = torch.as_tensor(acceleration, dtype=torch.float64).flatten()
-    acceleration_cdf(knots_sigmas, knots_acc, mixing)  # raises, naming the fix
+    # raises, naming the fix; None stays None: the share then follows the step count
+    acceleration_cdf(knots_sigmas, knots_acc, DEFAULT_ACCELERATION_MIXING if mixing is None else mixing)
     if knots_top1.numel() != knots_sigmas.numel():
         raise ValueError("profile_top1 and profile_sigmas must have the same length (one PhaseProfile's curves).")
-    return knots_sigmas.tolist(), knots_top1.tolist(), float(mixing), knots_acc.tolist()
+    return (knots_sigmas.tolist(), knots_top1.tolist(), None if mixing is None else float(mixing),
+            knots_acc.tolist())
 
 
 class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
@@ -130,9 +131,10 @@ class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
             grid is :func:`~steersample.sampling.schedules.acceleration_sigmas` (the
             :meth:`from_profile` default), otherwise
             :func:`~steersample.sampling.schedules.profile_sigmas` of the top-1 curve.
-        profile_mixing: λ of the profile grid, in [0, 1); None means
-            ``DEFAULT_ACCELERATION_MIXING`` (with an acceleration curve) or
-            ``DEFAULT_PROFILE_MIXING`` (top-1 curve) when a profile is set.
+        profile_mixing: λ of the profile grid, in [0, 1); None means ``acceleration_mixing(N)``
+            = ``DEFAULT_ACCELERATION_MIXING − 1/N`` at ``N`` steps (with an acceleration curve;
+            kept as None in the config) or ``DEFAULT_PROFILE_MIXING`` (top-1 curve) when a
+            profile is set.
 
     The Euler update is the stock one, ``x_next = x + (σ_next − σ)·v`` (or the stochastic
     re-noising variant); only the grid changes. See :func:`~steersample.sampling.schedules.phase_aware_sigmas`
@@ -229,10 +231,12 @@ class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
 
         ``density="acceleration"`` (default): ``σ_i = F⁻¹(1 − i/N)`` with step density
         ``ρ(σ) = (1 − λ) + λ·√a(σ)/∫√a``, ``a(σ) = ‖dx̂₀*/dσ‖/σ`` the reference oracle's trajectory
-        acceleration (``profile.acceleration``), λ = 0.5 (see
-        :func:`~steersample.sampling.schedules.acceleration_sigmas`). Euler's global error is
-        ``≈ (1/2N)·∫ a/ρ``, smallest for ``ρ ∝ √a``; the uniform half keeps steps where the oracle
-        has memorised but a model still refines. σ_0 = 1, the grid ends at the terminal 0 and the
+        acceleration (``profile.acceleration``), ``λ_N = 0.65 − 1/N`` at ``N`` steps (see
+        :func:`~steersample.sampling.schedules.acceleration_sigmas` and
+        :func:`~steersample.sampling.schedules.acceleration_mixing`). Euler's global error is
+        ``≈ (1/2N)·∫ a/ρ``, smallest for ``ρ ∝ √a``; the uniform share keeps steps where the oracle
+        has memorised but a model still refines, and one step's worth more at few steps, which
+        are wider than the peak of ``a``. σ_0 = 1, the grid ends at the terminal 0 and the
         last evaluated σ is at least 1/N.
 
         ``density="top1"``: the earlier grid, ``F(σ) = (1 − λ)·σ + λ·V(σ)/V(1)`` with ``V`` the
@@ -246,8 +250,9 @@ class PhaseAwareFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
                 reference store of VAE latents), or anything with ``.sigmas`` and ``.top1`` (and
                 ``.acceleration`` for the default density).
             density: ``"acceleration"`` or ``"top1"``, the curve the steps follow.
-            mixing: λ in [0, 1), the share of the step density that follows the curve; None means
-                :data:`~steersample.sampling.schedules.DEFAULT_ACCELERATION_MIXING` or
+            mixing: λ in [0, 1), the share of the step density that follows the curve at every
+                step count; None means :func:`~steersample.sampling.schedules.acceleration_mixing`
+                (``DEFAULT_ACCELERATION_MIXING − 1/N``) or
                 :data:`~steersample.sampling.schedules.DEFAULT_PROFILE_MIXING`, both fitted once
                 on the digits default and not meant to be tuned per model.
             kwargs: other config overrides, as in ``from_config``.

@@ -131,7 +131,7 @@ def tiny_profile():
 def test_from_profile_set_timesteps_semantics(tiny_profile, n):
     sched = PhaseAwareFlowMatchScheduler.from_profile(FlowMatchEulerDiscreteScheduler().config, tiny_profile)
     assert sched.profile_aware and not sched.phase_aware
-    assert sched.config.profile_mixing == S.DEFAULT_ACCELERATION_MIXING
+    assert sched.config.profile_mixing is None   # the share follows the step count
     sched.set_timesteps(n)
     grid = S.acceleration_sigmas(n, tiny_profile.sigmas, tiny_profile.acceleration)
     assert len(sched.timesteps) == n and sched.sigmas.shape == (n + 1,)
@@ -321,7 +321,7 @@ def test_from_profile_density_choice_and_config_round_trip(tiny_profile, tmp_pat
     cfg = FlowMatchEulerDiscreteScheduler().config
     new = PhaseAwareFlowMatchScheduler.from_profile(cfg, tiny_profile)
     old = PhaseAwareFlowMatchScheduler.from_profile(cfg, tiny_profile, density="top1")
-    assert new.config.profile_mixing == S.DEFAULT_ACCELERATION_MIXING
+    assert new.config.profile_mixing is None
     assert old.config.profile_mixing == S.DEFAULT_PROFILE_MIXING and old.config.profile_acceleration is None
     new.set_timesteps(7)
     old.set_timesteps(7)
@@ -350,3 +350,45 @@ def test_from_profile_without_an_acceleration_curve_names_the_fix(tiny_profile):
         PhaseAwareFlowMatchScheduler.from_profile(cfg, tiny_profile, density="entropy")
     with pytest.raises(TypeError, match="drop profile_acceleration"):
         PhaseAwareFlowMatchScheduler.from_profile(cfg, tiny_profile, profile_acceleration=[1.0])
+
+
+# ----------------------------------------------------------------------------- step-count-dependent share
+def test_acceleration_mixing_is_the_limit_minus_one_step():
+    lam = S.DEFAULT_ACCELERATION_MIXING
+    for n in (1, 2, 3, 4, 5, 7, 10, 30, 1000):
+        assert S.acceleration_mixing(n) == pytest.approx(max(0.0, lam - 1.0 / n), abs=1e-15)
+        # the uniform part carries (1 − λ∞)·N + 1 of the N steps' mass once λ_N > 0
+        if lam - 1.0 / n > 0:
+            assert n * (1 - S.acceleration_mixing(n)) == pytest.approx((1 - lam) * n + 1)
+    assert S.acceleration_mixing(1) == 0.0 and S.acceleration_mixing(5, 0.5) == pytest.approx(0.3)
+    assert S.acceleration_mixing(10) < S.acceleration_mixing(11) < lam   # grows towards the limit
+    with pytest.raises(ValueError, match="num_steps must be a positive integer"):
+        S.acceleration_mixing(0)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        S.acceleration_mixing(5, 1.0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 12])
+def test_acceleration_sigmas_default_share_follows_the_step_count(n):
+    default = S.acceleration_sigmas(n, SIG, ACC, dtype=torch.float64)
+    explicit = S.acceleration_sigmas(n, SIG, ACC, S.acceleration_mixing(n), dtype=torch.float64)
+    assert torch.equal(default, explicit)
+    if n == 1:
+        assert default.tolist() == [1.0]
+    # with few steps the grid is closer to uniform than the large-N share would make it
+    if n >= 3:
+        limit = S.acceleration_sigmas(n, SIG, ACC, S.DEFAULT_ACCELERATION_MIXING, dtype=torch.float64)
+        uni = S.uniform_sigmas(n, dtype=torch.float64)
+        assert float((default - uni).abs().sum()) < float((limit - uni).abs().sum())
+
+
+def test_from_profile_explicit_mixing_is_fixed_across_step_counts(tiny_profile):
+    cfg = FlowMatchEulerDiscreteScheduler().config
+    fixed = PhaseAwareFlowMatchScheduler.from_profile(cfg, tiny_profile, mixing=0.5)
+    auto = PhaseAwareFlowMatchScheduler.from_profile(cfg, tiny_profile)
+    for n in (3, 9):
+        fixed.set_timesteps(n)
+        auto.set_timesteps(n)
+        acc = (tiny_profile.sigmas, tiny_profile.acceleration)
+        assert torch.equal(fixed.sigmas[:-1], S.acceleration_sigmas(n, *acc, 0.5))
+        assert torch.equal(auto.sigmas[:-1], S.acceleration_sigmas(n, *acc, S.acceleration_mixing(n)))
