@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "NoveltySteering": "steersample.steering.novelty",
     "NoveltyRun": "steersample.steering.novelty",
     "leave_one_out_distances": "steersample.steering.novelty",
+    "push_along": "steersample.steering.novelty",
     "push_to_distance": "steersample.steering.novelty",
     "recommended_steering": "steersample.steering.recommended",
     "recommended_for_scale": "steersample.steering.recommended",

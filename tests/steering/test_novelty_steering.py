@@ -10,7 +10,7 @@ import torch
 
 import steersample as ss
 from steersample.steering.class_model import GaussianClassModel
-from steersample.steering.novelty import leave_one_out_distances, push_to_distance
+from steersample.steering.novelty import leave_one_out_distances, push_along, push_to_distance
 from steersample.steering.registry import STEERERS
 
 
@@ -157,6 +157,8 @@ def test_push_reaches_the_target_inside_the_tangent_space():
     ({"sigma_nav": 1.5}, "sigma_nav"), ({"push_sigma": -0.1}, "push_sigma"),
     ({"neighbours": 1}, "neighbours"), ({"strength": 0}, "strength"),
     ({"classifier_scale": float("nan")}, "classifier_scale"), ({"iterations": 0}, "iterations"),
+    ({"toward_mean": 1.5}, "toward_mean"), ({"toward_mean": -0.1}, "toward_mean"),
+    ({"toward_mean": True}, "toward_mean"),
 ])
 def test_bad_arguments_name_the_fix(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -216,3 +218,66 @@ def test_top_eigenpairs_match_a_full_eigen_solve():
     small = gram[:, :10, :10]                      # r + oversample >= K: the exact solve
     exact_small = torch.linalg.eigh(small)
     assert torch.equal(top_eigenpairs(small, 3)[0], exact_small[0][:, -3:])
+
+
+def test_push_along_reaches_the_target_along_the_given_direction():
+    g = torch.Generator().manual_seed(4)
+    x0, anchor = torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(5, 7, generator=g, dtype=torch.float64)
+    direction = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    start = (x0 - anchor).norm(dim=1)
+    target = torch.where(torch.arange(5) < 3, start + 1.5, start - 0.1)   # last two: already farther
+    out = push_along(x0, anchor, direction, target)
+    assert torch.allclose((out[:3] - anchor[:3]).norm(dim=1), target[:3], atol=1e-9)
+    assert torch.equal(out[3:], x0[3:])
+    moved = out[:3] - x0[:3]
+    scale = (moved * direction[:3]).sum(1) / (direction[:3] * direction[:3]).sum(1)
+    assert (scale > 0).all() and torch.allclose(moved, scale[:, None] * direction[:3], atol=1e-9)
+    # the smallest step: the other root of |e + a d| = target is negative
+    e, d = x0[:3] - anchor[:3], direction[:3]
+    a2, a1, a0 = (d * d).sum(1), 2 * (e * d).sum(1), (e * e).sum(1) - target[:3] ** 2
+    other = (-a1 - (a1 ** 2 - 4 * a2 * a0).sqrt()) / (2 * a2)
+    assert (other < 0).all()
+
+
+def _push_once(steerer, ref, x0, labels, target):
+    fit = steerer.fit(ref)
+    return steerer._push(x0.clone(), target, ref, (ref.dim,), fit, labels), fit
+
+
+def test_toward_mean_zero_is_the_tangent_push_and_one_leans_on_the_class_mean():
+    ref = _labelled(n=60, dim=6)
+    flat = ref.latents.double()
+    g = torch.Generator().manual_seed(5)
+    x0 = flat[[0, 4, 8]] + 0.05 * torch.randn(3, 6, generator=g, dtype=torch.float64)
+    labels = ref.labels[[0, 4, 8]]
+    target = torch.full((3,), 1.2, dtype=torch.float64)
+    # alpha = 0: the earlier floor, push_to_distance along the tangent at the nearest sample
+    tangent_only = ss.NoveltySteering(toward_mean=0.0, iterations=1, neighbours=10, directions=2)
+    out, fit = _push_once(tangent_only, ref, x0, labels, target)
+    idx, rows = fit.nearest(ref, x0, (6,), 1)
+    basis = fit.tangent(ref, idx[:, 0], (6,), 10, 2)
+    expect = torch.maximum(torch.minimum(push_to_distance(x0, rows[:, 0], basis, target), fit.hi), fit.lo)
+    assert torch.equal(out, expect)
+    # alpha = 1: the first push goes straight from the nearest sample T towards its class mean
+    inward = ss.NoveltySteering(toward_mean=1.0, iterations=1, neighbours=10, directions=2)
+    out, fit = _push_once(inward, ref, x0, labels, target)
+    mean = torch.stack([flat[ref.labels == c].mean(0) for c in labels.tolist()])
+    unclipped = push_along(x0, rows[:, 0], mean - rows[:, 0], target)
+    assert torch.allclose(out, torch.maximum(torch.minimum(unclipped, fit.hi), fit.lo), atol=1e-12)
+    moved = unclipped - x0
+    cos = torch.nn.functional.cosine_similarity(moved, mean - rows[:, 0], dim=1)
+    assert torch.allclose(cos, torch.ones(3, dtype=torch.float64), atol=1e-9)
+    assert "toward_mean=1" in repr(inward)
+
+
+def test_after_the_inward_push_the_floor_holds_against_the_new_nearest_sample():
+    ref = _labelled(n=60, dim=6)
+    flat = ref.latents.double()
+    x0 = flat[[1, 2, 5, 7]].clone()
+    labels = ref.labels[[1, 2, 5, 7]]
+    target = torch.full((4,), 1.0, dtype=torch.float64)
+    out, fit = _push_once(ss.NoveltySteering(neighbours=10, directions=2, iterations=6), ref, x0, labels, target)
+    nearest = torch.cdist(out, flat).min(1).values
+    inside = ((out >= fit.lo - 1e-12) & (out <= fit.hi + 1e-12)).all(1)
+    assert inside.all()
+    assert (nearest > 0.5).all()    # pushed well off every training sample (the clip may cost a little)
