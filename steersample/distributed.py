@@ -84,6 +84,16 @@ class Distributed:
         if self.state is not None and self.world_size > 1:
             self.state.wait_for_everyone()
 
+    def close(self) -> None:
+        """Tear down the process group (every process, once its last collective is done).
+
+        Left to interpreter exit, gloo's threads can outlive it and abort a process ("terminate
+        called without an active exception", SIGABRT), failing the whole launch. Local only:
+        a process that closes does not wait for the others. A no-op in a single process.
+        """
+        if self.state is not None and self.world_size > 1:
+            self.state.destroy_process_group()
+
     def my_units(self, n: int, batch_size: int) -> list[range]:
         """The units this process runs."""
         all_units = units(n, batch_size)

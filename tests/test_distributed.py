@@ -203,3 +203,20 @@ def test_two_process_compare_writes_the_same_report_and_sheet_as_one_process(tmp
             run.pop("seconds")
     assert r1 == r2
     assert (tmp_path / "one" / "sheet.png").read_bytes() == (tmp_path / "two" / "sheet.png").read_bytes()
+
+
+def test_close_tears_down_a_launched_process_group_and_is_a_no_op_alone():
+    class FakeState:
+        process_index, num_processes, device = 1, 2, "cpu"
+        destroyed = 0
+
+        def destroy_process_group(self):
+            FakeState.destroyed += 1
+
+    world = Distributed(state=FakeState())
+    assert (world.rank, world.world_size) == (1, 2)
+    world.close()
+    assert FakeState.destroyed == 1
+    alone = Distributed()
+    assert alone.state is None
+    alone.close()   # nothing to tear down, nothing raised

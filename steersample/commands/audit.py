@@ -93,43 +93,46 @@ def run(args: argparse.Namespace) -> int:
         return run_prompt_audit(args, _check_writable, _write_atomic)
     _validate(args)
     world = Distributed()   # several processes under `accelerate launch`, else this one
-    start = time.perf_counter()
-    info = load_default_info(args.model)   # a bad --model fails here, before --out is created
-    pipe, reference = load_default(args.model)
-    if world.is_main:
-        _check_writable(args.out)
-    pipe.to(world.device)
-    grid = (default_grid if args.grid == "default" else quick_grid)(args.guidance)
-    units = len(grid) * (1 + args.timing_repeats)
-    with tqdm(total=units, desc="audit", unit="run", disable=args.no_progress or not world.is_main) as bar:
-        def progress(text: str) -> None:
-            if progress.started:
-                bar.update(1)
-            progress.started = True
-            bar.set_postfix_str(text)
-        progress.started = False
-        audit = run_audit(pipe, reference, info, grid, rare_samples=args.rare_samples,
-                          frequent_samples=args.frequent_samples, steps=args.steps,
-                          seed=args.seed, timing_repeats=args.timing_repeats, progress=progress,
-                          world=world, batch_size=args.batch_size)
-        bar.update(1)
-    if not world.is_main:   # the main process judges and writes the merged results
+    try:
+        start = time.perf_counter()
+        info = load_default_info(args.model)   # a bad --model fails here, before --out is created
+        pipe, reference = load_default(args.model)
+        if world.is_main:
+            _check_writable(args.out)
+        pipe.to(world.device)
+        grid = (default_grid if args.grid == "default" else quick_grid)(args.guidance)
+        units = len(grid) * (1 + args.timing_repeats)
+        with tqdm(total=units, desc="audit", unit="run", disable=args.no_progress or not world.is_main) as bar:
+            def progress(text: str) -> None:
+                if progress.started:
+                    bar.update(1)
+                progress.started = True
+                bar.set_postfix_str(text)
+            progress.started = False
+            audit = run_audit(pipe, reference, info, grid, rare_samples=args.rare_samples,
+                              frequent_samples=args.frequent_samples, steps=args.steps,
+                              seed=args.seed, timing_repeats=args.timing_repeats, progress=progress,
+                              world=world, batch_size=args.batch_size)
+            bar.update(1)
+        if not world.is_main:   # the main process judges and writes the merged results
+            return 0
+        best = select_best(audit)
+        checks = targets(audit, best)
+        seconds = time.perf_counter() - start
+        summary = to_json(audit, best, checks, args, seconds)
+        summary["settings"]["class_names"] = list(info.class_names)
+        markdown = render_markdown(summary)
+        plot, sheet = render_pareto(audit, best), render_sheet(audit, best, reference)
+        _write_atomic(args.out / "pareto.png", plot)
+        _write_atomic(args.out / "sheet.png", sheet)
+        _write_atomic(args.out / "audit.json", (json.dumps(summary, indent=1) + "\n").encode())
+        _write_atomic(args.out / "audit.md", markdown.encode())
+        print(markdown)
+        print(f"wrote {args.out / 'audit.md'}, audit.json, pareto.png, sheet.png in {seconds:.0f} s"
+              + (f" ({world.world_size} processes)" if world.world_size > 1 else ""))
         return 0
-    best = select_best(audit)
-    checks = targets(audit, best)
-    seconds = time.perf_counter() - start
-    summary = to_json(audit, best, checks, args, seconds)
-    summary["settings"]["class_names"] = list(info.class_names)
-    markdown = render_markdown(summary)
-    plot, sheet = render_pareto(audit, best), render_sheet(audit, best, reference)
-    _write_atomic(args.out / "pareto.png", plot)
-    _write_atomic(args.out / "sheet.png", sheet)
-    _write_atomic(args.out / "audit.json", (json.dumps(summary, indent=1) + "\n").encode())
-    _write_atomic(args.out / "audit.md", markdown.encode())
-    print(markdown)
-    print(f"wrote {args.out / 'audit.md'}, audit.json, pareto.png, sheet.png in {seconds:.0f} s"
-          + (f" ({world.world_size} processes)" if world.world_size > 1 else ""))
-    return 0
+    finally:
+        world.close()   # every process: none may exit with gloo's threads alive (SIGABRT)
 
 
 # ----------------------------------------------------------------------------- report

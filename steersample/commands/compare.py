@@ -201,62 +201,65 @@ def run(args: argparse.Namespace) -> int:
         return run_compare(args, _check_writable, _write_atomic)
     classes = _validate(args)
     world = Distributed()   # several processes under `accelerate launch`, else this one
-    t0 = time.perf_counter()
-    info = load_default_info(args.model)   # a bad --model fails here, before --out is created
-    known = set(info.rare_classes) | set(info.frequent_classes)
-    if args.classes is None:
-        classes = sorted(known)
-    unknown = [c for c in classes if c not in known]
-    if unknown:
-        raise ValueError(f"class(es) {unknown} are not classes of the model {str(info.path)!r}; "
-                         f"its classes are {sorted(known)}")
-    pipe, reference = load_default(args.model)
-    if world.is_main:
-        _check_writable(args.out)
-    pipe.to(world.device)
-    held_x, held_y = held_out(info.path)
-    judge = judge_for(info)
+    try:
+        t0 = time.perf_counter()
+        info = load_default_info(args.model)   # a bad --model fails here, before --out is created
+        known = set(info.rare_classes) | set(info.frequent_classes)
+        if args.classes is None:
+            classes = sorted(known)
+        unknown = [c for c in classes if c not in known]
+        if unknown:
+            raise ValueError(f"class(es) {unknown} are not classes of the model {str(info.path)!r}; "
+                             f"its classes are {sorted(known)}")
+        pipe, reference = load_default(args.model)
+        if world.is_main:
+            _check_writable(args.out)
+        pipe.to(world.device)
+        held_x, held_y = held_out(info.path)
+        judge = judge_for(info)
 
-    labels = torch.tensor(classes).repeat_interleave(args.samples)
-    seeds = [args.seed + _SEED_STRIDE * c + k for c in classes for k in range(args.samples)]
-    mine = len(world.my_units(len(seeds), args.batch_size))
-    runs = {}
-    with tqdm(total=2 * args.steps * mine, desc="compare", unit="step",
-              disable=args.no_progress or not world.is_main) as bar:
-        for setting in settings(args.guidance):
-            bar.set_postfix_str(setting.name)
-            spent = [0.0]
+        labels = torch.tensor(classes).repeat_interleave(args.samples)
+        seeds = [args.seed + _SEED_STRIDE * c + k for c in classes for k in range(args.samples)]
+        mine = len(world.my_units(len(seeds), args.batch_size))
+        runs = {}
+        with tqdm(total=2 * args.steps * mine, desc="compare", unit="step",
+                  disable=args.no_progress or not world.is_main) as bar:
+            for setting in settings(args.guidance):
+                bar.set_postfix_str(setting.name)
+                spent = [0.0]
 
-            def unit(items: range) -> dict[str, torch.Tensor]:
-                x, evals, seconds = _generate(pipe, setting, labels[items.start:items.stop],
-                                              seeds[items.start:items.stop], args.steps, bar,
-                                              reference, world.device)
-                spent[0] += seconds
-                return {"x": x, "evals": torch.full((len(items),), evals, dtype=torch.int64)}
+                def unit(items: range) -> dict[str, torch.Tensor]:
+                    x, evals, seconds = _generate(pipe, setting, labels[items.start:items.stop],
+                                                  seeds[items.start:items.stop], args.steps, bar,
+                                                  reference, world.device)
+                    spent[0] += seconds
+                    return {"x": x, "evals": torch.full((len(items),), evals, dtype=torch.int64)}
 
-            merged = world.map(unit, len(seeds), args.batch_size)
-            if world.is_main:
-                samples = merged["x"]
-                report = judge.judge(samples, labels, reference, held_x, held_y)
-                runs[setting.name] = (setting, samples, report, int(merged["evals"].max()), spent[0])
-    if not world.is_main:   # the main process judges and writes the merged results
+                merged = world.map(unit, len(seeds), args.batch_size)
+                if world.is_main:
+                    samples = merged["x"]
+                    report = judge.judge(samples, labels, reference, held_x, held_y)
+                    runs[setting.name] = (setting, samples, report, int(merged["evals"].max()), spent[0])
+        if not world.is_main:   # the main process judges and writes the merged results
+            return 0
+
+        summary = summarise(runs, info, classes, args, seconds=time.perf_counter() - t0,
+                            reference=reference, judge=judge, held=(held_x, held_y))
+        summary["processes"] = world.world_size
+        summary["seconds_counts"] = (
+            "wall seconds on the main process: each run's sampling of the main process's share of "
+            f"the seeds (the {world.world_size} processes sample in parallel); seconds_total: the "
+            "main process's whole command" if world.world_size > 1 else
+            "wall seconds of each run's sampling; seconds_total: the whole command"
+        )
+        sheet = render_sheet(runs, reference, classes, args.samples, args.sheet_samples, info)
+        markdown = render_markdown(summary)
+        # all three files exist in memory: only now replace anything on disk
+        _write_atomic(args.out / "sheet.png", sheet)
+        _write_atomic(args.out / "report.json", (json.dumps(summary, indent=1) + "\n").encode())
+        _write_atomic(args.out / "report.md", markdown.encode())
+        print(markdown)
+        print(f"wrote {args.out / 'sheet.png'}, {args.out / 'report.json'}, {args.out / 'report.md'}")
         return 0
-
-    summary = summarise(runs, info, classes, args, seconds=time.perf_counter() - t0,
-                        reference=reference, judge=judge, held=(held_x, held_y))
-    summary["processes"] = world.world_size
-    summary["seconds_counts"] = (
-        "wall seconds on the main process: each run's sampling of the main process's share of "
-        f"the seeds (the {world.world_size} processes sample in parallel); seconds_total: the "
-        "main process's whole command" if world.world_size > 1 else
-        "wall seconds of each run's sampling; seconds_total: the whole command"
-    )
-    sheet = render_sheet(runs, reference, classes, args.samples, args.sheet_samples, info)
-    markdown = render_markdown(summary)
-    # all three files exist in memory: only now replace anything on disk
-    _write_atomic(args.out / "sheet.png", sheet)
-    _write_atomic(args.out / "report.json", (json.dumps(summary, indent=1) + "\n").encode())
-    _write_atomic(args.out / "report.md", markdown.encode())
-    print(markdown)
-    print(f"wrote {args.out / 'sheet.png'}, {args.out / 'report.json'}, {args.out / 'report.md'}")
-    return 0
+    finally:
+        world.close()   # every process: none may exit with gloo's threads alive (SIGABRT)
