@@ -110,7 +110,7 @@ def _free_port() -> int:
 
 
 def test_two_process_accelerate_launch_writes_the_same_report_as_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
     env.pop("WORLD_SIZE", None)
     args = ["--samples", "5", "--batch", "2", "--steps", "2"]
     one = subprocess.run([sys.executable, str(JOB), str(tmp_path / "one"), *args], env=env,
@@ -150,7 +150,7 @@ def tiny_model_folder(folder: Path) -> Path:
 
 def test_two_process_audit_writes_the_same_report_as_one_process(tmp_path):
     model = tiny_model_folder(tmp_path / "model")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
     env.pop("WORLD_SIZE", None)
     args = ["audit", "--model", str(model), "--grid", "quick", "--rare-samples", "3",
             "--frequent-samples", "2", "--steps", "2", "--timing-repeats", "0", "--batch-size", "5",
@@ -175,7 +175,7 @@ def test_two_process_audit_writes_the_same_report_as_one_process(tmp_path):
 
 def test_two_process_compare_writes_the_same_report_and_sheet_as_one_process(tmp_path):
     model = tiny_model_folder(tmp_path / "model")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
     env.pop("WORLD_SIZE", None)
     args = ["compare", "--model", str(model), "--classes", "2", "0", "--samples", "3", "--steps", "2",
             "--batch-size", "2", "--sheet-samples", "2", "--no-progress"]
