@@ -27,6 +27,7 @@ Several nodes: the same command on each node with ``--num_machines M --machine_r
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable
 
 import numpy as np
@@ -93,6 +94,20 @@ class Distributed:
         """
         if self.state is not None and self.world_size > 1:
             self.state.destroy_process_group()
+
+    def leave(self) -> None:
+        """End a helper process (rank > 0 of a launch) after its last collective, status 0.
+
+        Flushes its output and calls ``os._exit(0)``: the interpreter's teardown is skipped,
+        where gloo's threads can outlive the process group and abort a helper ("terminate
+        called without an active exception", SIGABRT), which fails the whole launch although
+        every result was already merged. A no-op in the main process or a single process.
+        """
+        if self.state is None or self.world_size <= 1 or self.is_main:
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     def my_units(self, n: int, batch_size: int) -> list[range]:
         """The units this process runs."""

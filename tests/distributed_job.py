@@ -50,6 +50,7 @@ def main() -> None:
                   "nearest": idx[:, 0].tolist(), "ratio": (dist[:, 0] / dist[:, 1]).tolist()}
         (args.out / "report.json").write_text(json.dumps(report, indent=1))
     world.wait()
+    world.leave()   # helpers end here
     world.close()
 
 

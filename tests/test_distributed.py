@@ -213,3 +213,22 @@ def test_close_tears_down_a_launched_process_group_and_is_a_no_op_alone():
     alone = Distributed()
     assert alone.state is None
     alone.close()   # nothing to tear down, nothing raised
+
+
+def test_leave_ends_only_a_launched_helper(monkeypatch):
+    import steersample.distributed as dist
+
+    exits = []
+    monkeypatch.setattr(dist.os, "_exit", exits.append)
+
+    class State:
+        num_processes, device = 2, "cpu"
+
+        def __init__(self, rank):
+            self.process_index = rank
+
+    Distributed(state=State(0)).leave()    # the main process carries on
+    Distributed().leave()                  # so does a single process
+    assert exits == []
+    Distributed(state=State(1)).leave()
+    assert exits == [0]

@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
                               world=world, batch_size=args.batch_size)
             bar.update(1)
         if not world.is_main:   # the main process judges and writes the merged results
+            world.leave()       # ends a launched helper here (status 0)
             return 0
         best = select_best(audit)
         checks = targets(audit, best)

@@ -241,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
                     report = judge.judge(samples, labels, reference, held_x, held_y)
                     runs[setting.name] = (setting, samples, report, int(merged["evals"].max()), spent[0])
         if not world.is_main:   # the main process judges and writes the merged results
+            world.leave()       # ends a launched helper here (status 0)
             return 0
 
         summary = summarise(runs, info, classes, args, seconds=time.perf_counter() - t0,
