@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
               + (f" ({world.world_size} processes)" if world.world_size > 1 else ""))
         return 0
     finally:
-        world.close()   # every process: none may exit with gloo's threads alive (SIGABRT)
+        world.close()   # tear down the process group (a launched helper has already left)
 
 
 # ----------------------------------------------------------------------------- report
