@@ -158,7 +158,8 @@ def test_push_reaches_the_target_inside_the_tangent_space():
     ({"neighbours": 1}, "neighbours"), ({"strength": 0}, "strength"),
     ({"classifier_scale": float("nan")}, "classifier_scale"), ({"iterations": 0}, "iterations"),
     ({"toward_mean": 1.5}, "toward_mean"), ({"toward_mean": -0.1}, "toward_mean"),
-    ({"toward_mean": True}, "toward_mean"),
+    ({"toward_mean": True}, "toward_mean"), ({"leaning": -1}, "leaning"),
+    ({"iterations": 2, "leaning": 3}, "at most iterations"), ({"leaning": 1.0}, "leaning"),
 ])
 def test_bad_arguments_name_the_fix(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -259,7 +260,7 @@ def test_toward_mean_zero_is_the_tangent_push_and_one_leans_on_the_class_mean():
     expect = torch.maximum(torch.minimum(push_to_distance(x0, rows[:, 0], basis, target), fit.hi), fit.lo)
     assert torch.equal(out, expect)
     # alpha = 1: the first push goes straight from the nearest sample T towards its class mean
-    inward = ss.NoveltySteering(toward_mean=1.0, iterations=1, neighbours=10, directions=2)
+    inward = ss.NoveltySteering(toward_mean=1.0, iterations=1, leaning=1, neighbours=10, directions=2)
     out, fit = _push_once(inward, ref, x0, labels, target)
     mean = torch.stack([flat[ref.labels == c].mean(0) for c in labels.tolist()])
     unclipped = push_along(x0, rows[:, 0], mean - rows[:, 0], target)
@@ -267,7 +268,37 @@ def test_toward_mean_zero_is_the_tangent_push_and_one_leans_on_the_class_mean():
     moved = unclipped - x0
     cos = torch.nn.functional.cosine_similarity(moved, mean - rows[:, 0], dim=1)
     assert torch.allclose(cos, torch.ones(3, dtype=torch.float64), atol=1e-9)
-    assert "toward_mean=1" in repr(inward)
+    assert "toward_mean=1" in repr(inward) and "leaning=1" in repr(inward)
+
+
+def test_all_pushes_but_the_last_lean_and_the_last_holds_the_floor_along_the_tangent():
+    ref = _labelled(n=60, dim=6)
+    flat = ref.latents.double()
+    g = torch.Generator().manual_seed(9)
+    x0 = flat[[3, 6, 9]] + 0.05 * torch.randn(3, 6, generator=g, dtype=torch.float64)
+    labels = ref.labels[[3, 6, 9]]
+    target = torch.full((3,), 1.1, dtype=torch.float64)
+    steerer = ss.NoveltySteering(toward_mean=0.6, iterations=3, neighbours=10, directions=2)
+    assert steerer.leaning == 2 and ss.NoveltySteering().leaning == ss.NoveltySteering().iterations - 1
+    out, fit = _push_once(steerer, ref, x0, labels, target)
+    mean = torch.stack([flat[ref.labels == c].mean(0) for c in labels.tolist()])
+    expect = x0.clone()
+    for i in range(3):   # brute force: the nearest sample and its tangent basis afresh each push
+        idx = torch.cdist(expect, flat).argmin(1)
+        anchor = flat[idx]
+        basis = fit.tangent(ref, idx, (6,), 10, 2)
+        along = (basis @ (basis.transpose(1, 2) @ (expect - anchor)[..., None]))[..., 0]
+        if i < 2:
+            unit = lambda v: v / v.norm(dim=1, keepdim=True)
+            pushed = push_along(expect, anchor, 0.4 * unit(along) + 0.6 * unit(mean - anchor), target)
+        else:
+            pushed = push_to_distance(expect, anchor, basis, target)
+        expect = torch.maximum(torch.minimum(pushed, fit.hi), fit.lo)
+    assert torch.allclose(out, expect, atol=1e-12)
+    # and the lean changed the result: a tangent-only floor lands elsewhere
+    plain_floor, _ = _push_once(ss.NoveltySteering(toward_mean=0.0, iterations=3, neighbours=10, directions=2),
+                                ref, x0, labels, target)
+    assert (out - plain_floor).norm(dim=1).min() > 1e-3
 
 
 def test_after_the_inward_push_the_floor_holds_against_the_new_nearest_sample():
