@@ -85,13 +85,18 @@ class StudioModel:
             _warm_up(self.reference)
 
     @property
+    def labelled(self) -> bool:
+        """A prompt model whose store labels name its prompts (class models: False; their
+        classes are the labels)."""
+        return bool(self.prompt_labels) and getattr(self.reference, "labels", None) is not None
+
+    @property
     def steerers(self) -> list[str]:
         """The steering methods this model offers (``settings.steerer_names``, less those that
         need class labels for a prompt model whose store labels do not name its prompts)."""
         from steersample.studio.settings import steerers_for
 
-        labelled = bool(self.prompt_labels) and getattr(self.reference, "labels", None) is not None
-        return steerers_for(self.kind, labelled)
+        return steerers_for(self.kind, self.labelled)
 
     def label(self, request: StudioRequest) -> int | None:
         """The reference label a request samples: its class, or its prompt's id when known."""

@@ -85,8 +85,10 @@ def _model_controls(model: StudioModel, steering: str | None = None) -> tuple:
             gr.update(value=model.shift), gr.update(choices=offered, value=keep))
 
 
-def _kind(served: Mapping[str, StudioModel], name: Any) -> str:
-    return served[name].kind if name in served else "class"
+def _preset_context(served: Mapping[str, StudioModel], name: Any) -> dict[str, Any]:
+    """What the presets depend on: the model's kind and whether its store labels its prompts."""
+    model = served.get(name)
+    return {"kind": model.kind, "labelled": model.labelled} if model is not None else {"kind": "class"}
 
 
 def _window_visibility(relative: bool) -> tuple:
@@ -103,14 +105,14 @@ def _class_name(model: StudioModel, class_id: Any) -> str | None:
 
 
 def _preset_text(values: Mapping[str, Any], clicked: str | None, shift: float,
-                 kind: str = "class") -> str:
+                 kind: str = "class", labelled: bool = False) -> str:
     """The line under the preset buttons: the active preset and what it does, or what moved."""
-    active = active_preset(values, shift, kind)
+    active = active_preset(values, shift, kind, labelled)
     if active is not None:
         return f"Preset **{active}** is active: {PRESET_DESCRIPTIONS[active]}."
     if clicked in PRESETS:
         moved = [describe_change(k, then, now) for k, then, now in
-                 preset_changes(clicked, values, shift, kind)]
+                 preset_changes(clicked, values, shift, kind, labelled)]
         return (f"Custom settings: moved away from **{clicked}** ({'; '.join(moved)}). "
                 "Click a preset to return to it.")
     return "Custom settings (no preset matches)."
@@ -136,7 +138,7 @@ def build_page(served: Mapping[str, StudioModel]) -> gr.Blocks:
     downloads = DownloadFolder()
     atexit.register(downloads.cleanup)
     best = preset_values("best steering", LIMITS["guidance_scale"].default, first.shift,
-                         first.kind)
+                         first.kind, first.labelled)
 
     def generate(model: str, class_id: int | None, prompt: str | None, seed: float,
                  num_samples: float, steps: float, guidance_scale: float, scale_above: float,
@@ -152,7 +154,7 @@ def build_page(served: Mapping[str, StudioModel]) -> gr.Blocks:
             random_seed = values["seed"] == RANDOM_SEED and not isinstance(values["seed"], bool)
             comparison = run_comparison(served[request.model], request)
             preset = active_preset(values, served[request.model].shift,
-                                   served[request.model].kind)
+                                   **_preset_context(served, request.model))
             report, sheet = write_downloads(comparison, downloads.new(), preset, random_seed)
             plot = phase_html(comparison)
         except (ValueError, TypeError, FileNotFoundError) as err:
@@ -290,11 +292,11 @@ def build_page(served: Mapping[str, StudioModel]) -> gr.Blocks:
             values = dict(zip(_REQUEST_FIELDS, raw))
             shift_now = served[values["model"]].shift if values["model"] in served else 1.0
             text, stale = _run_text(last, values)
-            active = active_preset(values, shift_now, _kind(served, values["model"]))
+            active = active_preset(values, shift_now, **_preset_context(served, values["model"]))
             buttons = [gr.update(elem_classes=["active-preset"] if p == active else [])
                        for p in PRESETS]
             return (gr.update(value=text, elem_classes=["stale"] if stale else []),
-                    _preset_text(values, clicked, shift_now, _kind(served, values["model"])),
+                    _preset_text(values, clicked, shift_now, **_preset_context(served, values["model"])),
                     gr.update(elem_classes=["stale-results"] if stale else []), *buttons)
 
         state_outputs = [run_info, preset_info, gallery, *preset_buttons.values()]
@@ -348,7 +350,7 @@ def build_page(served: Mapping[str, StudioModel]) -> gr.Blocks:
             absolute_row, relative_row, navigation_fraction, clicked_preset]
 
         def apply_preset(preset: str, w: float, model_name: str) -> list:
-            values = preset_values(preset, w, served[model_name].shift, served[model_name].kind)
+            values = preset_values(preset, w, served[model_name].shift, **_preset_context(served, model_name))
             updates = [gr.update(value=values[c]) if c in values else gr.update()
                        for c in _PRESET_CONTROLS]
             relative = values.get("window_relative")

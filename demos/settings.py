@@ -229,16 +229,17 @@ def _best_steering_preset(guidance_scale: float) -> dict[str, Any]:
 
 
 def preset_values(name: str, guidance_scale: float, model_shift: float = 1.0,
-                  kind: str = "class") -> dict[str, Any]:
+                  kind: str = "class", labelled: bool = False) -> dict[str, Any]:
     """Control values of preset ``name`` (the plain preset also restores the model's shift).
 
-    For a prompt model (``kind="prompt"``) "best steering" uses attractor steering at its
-    default strength where compare's steerer needs class labels."""
+    For a prompt model (``kind="prompt"``) "best steering" is compare's steered setting when its
+    store's labels name the prompts (``labelled``: novelty steering, as ``steersample compare``
+    runs it there), else attractor steering at its default strength (novelty needs classes)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
     if name == "best steering":
         values = _best_steering_preset(guidance_scale)
-        if values.get("steering") not in steerers_for(kind):
+        if values.get("steering") not in steerers_for(kind, labelled):
             values["steering"] = "attractor"
             values["strength"] = steerer_default_strength("attractor") or LIMITS["strength"].default
     else:

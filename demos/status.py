@@ -116,21 +116,22 @@ def describe_change(name: str, then: Any, now: Any) -> str:
 
 
 def preset_changes(name: str, values: Mapping[str, Any], model_shift: float = 1.0,
-                   kind: str = "class") -> list[tuple[str, Any, Any]]:
+                   kind: str = "class", labelled: bool = False) -> list[tuple[str, Any, Any]]:
     """``(control, preset value, current value)`` for each control moved away from preset ``name``.
 
     The guidance scale is read from ``values`` ("best steering" depends on it)."""
     w = float(values.get("guidance_scale", LIMITS["guidance_scale"].default))
-    wanted = preset_values(name, w, model_shift, kind)
+    wanted = preset_values(name, w, model_shift, kind, labelled)
     return [(key, want, values[key]) for key, want in wanted.items()
             if key in values and not _same(values[key], want)]
 
 
 def active_preset(values: Mapping[str, Any], model_shift: float = 1.0,
-                  kind: str = "class") -> str | None:
-    """The first preset whose every value holds in ``values``, or None (``kind``: the model's)."""
+                  kind: str = "class", labelled: bool = False) -> str | None:
+    """The first preset whose every value holds in ``values``, or None (``kind``, ``labelled``:
+    the model's, see :func:`~steersample.studio.settings.preset_values`)."""
     for name in PRESETS:
-        if not preset_changes(name, values, model_shift, kind):
+        if not preset_changes(name, values, model_shift, kind, labelled):
             return name
     return None
 

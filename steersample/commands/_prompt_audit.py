@@ -47,18 +47,50 @@ def prompt_grid(guidance: float, quick: bool, labelled: bool = False):
     return tuple(grid)
 
 
+def _figures(row: dict, group: str | None):
+    """A prompt audit row's group as :class:`~steersample.evaluation.audit.GroupFigures` (worst
+    prompt of each figure from the per-prompt rows; no class judge: accuracy and FD are NaN)."""
+    from steersample.evaluation.audit import GroupFigures
+
+    figures = row["groups"].get(group) if group is not None else None
+    if figures is None:
+        return None
+
+    def num(value) -> float:
+        return math.nan if value is None else float(value)
+
+    def worst(key: str) -> float:
+        values = [num(p[key]) for p in row["per_prompt"] if p["group"] == group and p[key] is not None]
+        return min(values) if values else num(figures.get(key))
+
+    return GroupFigures(copy_rate=num(figures.get("copy_rate")), accuracy=math.nan, fd=math.nan,
+                        diversity=math.nan, z_u=num(figures.get("z_u")),
+                        z_u_min=num(figures.get("z_u_min", figures.get("z_u"))),
+                        distance_ratio=num(figures.get("distance_ratio")),
+                        distance_ratio_min=worst("distance_ratio"),
+                        precision=num(figures.get("precision")), precision_min=worst("precision"),
+                        recall=num(figures.get("recall")))
+
+
 def select_best(rows: list[dict], group: str) -> dict:
-    """The steered row with the highest worst-prompt Z_U of ``group`` among those keeping
-    precision >= 0.8 x plain's and cost <= 1.3x plain; else the lowest copy rate."""
-    plain = rows[0]
-    def fig(r, k):
-        v = r["groups"].get(group, {}).get(k)
-        return -math.inf if v is None else v
-    ok = [r for r in rows[1:] if fig(r, "precision") >= 0.8 * max(fig(plain, "precision"), 0)
-          and (r["seconds_vs_plain"] or 0) <= 1.3]
-    if ok:
-        return max(ok, key=lambda r: (fig(r, "z_u_min") if fig(r, "z_u_min") > -math.inf else fig(r, "z_u")))
-    return min(rows[1:], key=lambda r: r["groups"].get(group, {}).get("copy_rate") or 0.0)
+    """The best steered row by the digits audit's tiers (``evaluation.audit.choose_best``) with
+    the prompt testbed's bands (``TESTBED_BANDS["prompt"]``: the digits bands, no accuracy):
+    every ``group`` prompt Z_U >= -3, distance ratio >= 0.8 and precision >= 0.8 with the other
+    prompts kept (a group named "frequent": precision within 0.02 of plain's, |Z_U| + 1),
+    highest worst-prompt Z_U first; else the most precise row the data-copying test does not
+    call a copier; else the highest worst-prompt Z_U of those that stay on the data; else of all.
+    ``rows[0]`` is plain."""
+    from types import SimpleNamespace
+
+    from steersample.evaluation.audit import bands_for, choose_best
+
+    other = "frequent" if group != "frequent" and "frequent" in rows[0]["groups"] else None
+
+    def wrap(row: dict):
+        return SimpleNamespace(row=row, method=SimpleNamespace(name=row["method"]),
+                               rare=_figures(row, group), frequent=_figures(row, other))
+
+    return choose_best(wrap(rows[0]), [wrap(r) for r in rows[1:]], bands_for("prompt")).row
 
 
 def run_audit(args, check_writable, write_atomic) -> int:
@@ -165,7 +197,11 @@ def render_markdown(summary: dict) -> str:
         name = f"**{r['method']}**" if r["method"] == summary["best"] else r["method"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['model_evals_per_sample']} | "
                      f"{_f(r['seconds'], 3)} | {_f(r['seconds_vs_plain'])}x |")
-    lines += ["", f"Best steered setting: **{summary['best']}** (highest worst-prompt Z_U of the "
-              f"{summary['best_group']} group with precision >= 0.8x plain and cost <= 1.3x plain).",
+    lines += ["", f"Best steered setting: **{summary['best']}**, by the digits audit's rule on the "
+              f"{summary['best_group']} group (`steersample.commands._prompt_audit.select_best`): "
+              "the highest worst-prompt Z_U among the methods meeting every band (every prompt: "
+              "Z_U >= -3, distance ratio >= 0.8, precision >= 0.8; other prompts kept); else the "
+              "most precise method the data-copying test does not call a copier (Z_U and distance "
+              "bands); else the highest Z_U among those that stay on the data (precision band).",
               "", f"Total time {summary['seconds_total']:.0f} s.", ""]
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """`steersample compare` on a text-to-image folder with a reference store (see ``_prompt_runs``).
 
 Plain and steered samples of every prompt from the same seeds (constant CFG, and the same CFG
-plus ``recommended_for_scale(..., labelled=False)``: AttractorRepulsion(0.5)), judged in latent
+plus the recommended steerer, ``recommended_for_scale``: NoveltySteering when the store's labels
+name the prompts, else AttractorRepulsion(0.5)), judged in latent
 space: ratio-test copy rate against the reference, Meehan et al.'s data-copying Z_U and the
 distance ratio against held-out data, precision/recall (k = 3) against held-out; cost as model
 evaluations and seconds. The digit judges (SVC accuracy, PCA Fréchet distance) have no meaning
@@ -39,16 +40,17 @@ def _validate(args) -> None:
         raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
 
 
-def prompt_settings(guidance: float) -> tuple[Setting, Setting]:
-    """(plain, steered) for a prompt model: constant CFG, and the same CFG plus
-    ``AttractorRepulsion(strength=0.5)`` (``recommended_for_scale(..., labelled=False)``): the
-    prompt audit's choice, since NoveltySteering keeps too little precision on the prompt
-    testbed (README). Calls still pass each prompt's store label as ``reference_labels`` when
-    the store's labels name the prompts, so the attractor's scarce-class delay applies."""
+def prompt_settings(guidance: float, labelled: bool = False) -> tuple[Setting, Setting]:
+    """(plain, steered) for a prompt model: constant CFG, and the same CFG plus the recommended
+    steerer (``recommended_for_scale``, as ``ss.recommended_steering`` gives for the store):
+    ``NoveltySteering()`` when the store's labels name the prompts (``labelled``; the prompt
+    audit's best on the prompt testbed by the digits audit's rule, and the digits' best), else
+    ``AttractorRepulsion(strength=0.5)`` (NoveltySteering needs each prompt's class). Calls pass
+    each prompt's store label as ``reference_labels`` when there is one."""
     from steersample.sampling.guidance import GuidanceSchedule
     from steersample.steering.recommended import recommended_for_scale
 
-    kw = recommended_for_scale(guidance, labelled=False)
+    kw = recommended_for_scale(guidance, labelled=labelled)
     return (Setting("plain", f"constant CFG {guidance:g}", GuidanceSchedule.constant(guidance)),
             Setting("steered", f"constant CFG {guidance:g} + " + " + ".join(repr(s) for s in kw["steering"]),
                     kw["guidance"], tuple(kw["steering"])))
@@ -68,7 +70,7 @@ def run_compare(args, check_writable, write_atomic) -> int:
     batches = [range(s, min(s + args.batch_size, len(seeds))) for s in range(0, len(seeds), args.batch_size)]
     with tqdm(total=2 * args.steps * len(batches), desc="compare", unit="step",
               disable=args.no_progress) as bar:
-        for setting in prompt_settings(args.guidance):
+        for setting in prompt_settings(args.guidance, inputs.labelled):
             bar.set_postfix_str(setting.name)
             parts, evals, seconds = [], 0, 0.0
             for items in batches:

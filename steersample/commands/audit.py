@@ -197,14 +197,18 @@ def render_markdown(summary: dict) -> str:
         f"Copy: d(NN1)/d(NN2) < 1/3 against the training set. Z_U: Meehan et al.'s data-copying "
         f"test against each class's held-out {noun} (< 0: closer to the training set than unseen "
         f"{noun}; C_T over the group, worst class in brackets); dist: median nearest-training "
-        f"distance over held-out's; prec: precision k=3 against held-out. FD: pooled over the group's classes "
+        f"distance over held-out's; prec: precision k=3 against held-out; div: mean pairwise "
+        f"distance between a class's samples, averaged over the group (held-out {noun}: rare "
+        f"{_f(s.get('heldout_diversity', {}).get('rare'), 2)}, frequent "
+        f"{_f(s.get('heldout_diversity', {}).get('frequent'), 2)}; below it, samples vary less "
+        f"than real data). FD: pooled over the group's classes "
         f"against their held-out {noun} (16-d PCA). Time: min of {s['timing_repeats']} interleaved "
         f"passes of {s['timing_samples']} rare-class samples without telemetry "
         f"({s['torch_threads']} torch threads; the machine is shared, so compare ratios).", "",
         "| method | rare copy | rare acc (worst) | rare Z_U C_T (worst) | rare dist (worst) "
-        "| rare prec (worst) | rare FD | freq acc | freq Z_U | freq prec | freq FD "
+        "| rare prec (worst) | rare div | rare FD | freq acc | freq Z_U | freq prec | freq FD "
         "| evals/sample | s | s vs plain | CPU s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["results"]:
         ra, fr = r["rare"], r["frequent"]
@@ -215,7 +219,7 @@ def render_markdown(summary: dict) -> str:
             f"| {name} | {_f(ra['copy_rate'], 2)} | {_f(ra['accuracy'], 2)} ({_f(ra['accuracy_min'], 2)}) | "
             f"{_f(ra['z_u'], 1)} ({_f(ra['z_u_min'], 1)}) | {_f(ra['distance_ratio'], 2)} "
             f"({_f(ra['distance_ratio_min'], 2)}) | {_f(ra['precision'], 2)} ({_f(ra['precision_min'], 2)}) | "
-            f"{_f(ra['fd'], 2)} | {_f(fr['accuracy'], 2)} | {_f(fr['z_u'], 1)} | "
+            f"{_f(ra['diversity'], 2)} | {_f(ra['fd'], 2)} | {_f(fr['accuracy'], 2)} | {_f(fr['z_u'], 1)} | "
             f"{_f(fr['precision'], 2)} | {_f(fr['fd'], 2)} | {r['model_evals_per_sample']:g} | "
             f"{_f(r['seconds'], 2)} | {ratio} | {_f(r['cpu_seconds'], 2)} |")
     lines += ["", f"Best steered setting: **{summary['best']}**: the highest worst-class rare Z_U "

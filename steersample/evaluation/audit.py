@@ -33,7 +33,7 @@ from steersample.sampling.guidance import GuidanceSchedule
 from steersample.steering.representation import RepresentationSteering
 
 __all__ = ["Method", "default_grid", "quick_grid", "MethodResult", "AuditResult", "run_audit",
-           "select_best", "targets", "meets_bands", "BANDS", "TESTBED_BANDS", "bands_for",
+           "select_best", "choose_best", "targets", "meets_bands", "BANDS", "TESTBED_BANDS", "bands_for",
            "BEST_STRENGTH", "REFERENCE_FREE", "DETECTOR_FRACTIONS"]
 
 REFERENCE_FREE = ("cond_deviation", "spikiness")
@@ -270,8 +270,17 @@ def run_audit(pipe, reference, info, grid: Sequence[Method], *, rare_samples: in
                     frequent_samples=frequent_samples, steps=steps, seed=seed,
                     timing_repeats=timing_repeats, timing_samples=timing_samples,
                     torch_threads=torch.get_num_threads(), processes=world.world_size,
-                    testbed=testbed, bands=dict(bands_for(testbed)))
+                    testbed=testbed, bands=dict(bands_for(testbed)),
+                    heldout_diversity={"rare": _mean_diversity(judge, held_x, held_y, rare),
+                                       "frequent": _mean_diversity(judge, held_x, held_y, frequent)})
     return AuditResult(results, settings)
+
+
+def _mean_diversity(judge, x: torch.Tensor, y: torch.Tensor, classes) -> float:
+    """The judge's diversity (mean pairwise distance within a class) averaged over ``classes``:
+    what real unseen data scores, beside the samples' ``GroupFigures.diversity``."""
+    values = [judge.diversity(x[y == c]) for c in classes if int((y == c).sum()) > 1]
+    return sum(values) / len(values) if values else math.nan
 
 
 def _timing(pipe, grid, reference, rare, steps, seed, repeats, batch, tick) -> dict:
@@ -300,6 +309,8 @@ TESTBED_BANDS = {
     # issue #15 part 4: the second testbed "with the same metrics and bands (accuracy >= 0.85,
     # precision >= 0.7)"
     "letters": {**BANDS, "accuracy": 0.85, "precision": 0.7},
+    # a prompt model's audit (commands/_prompt_audit): no class judge, so no accuracy band
+    "prompt": {**BANDS, "accuracy": None},
 }
 """The bands by testbed (``DefaultInfo.testbed``; the audit records it in its settings)."""
 
@@ -318,14 +329,24 @@ def _audit_bands(audit: AuditResult) -> dict:
 
 
 def _frequent_kept(r: MethodResult, plain: MethodResult) -> bool:
-    """Frequent classes no worse than plain: FD within 2 %, precision within 0.02, |Z_U| + 1."""
+    """Frequent classes no worse than plain: FD within 2 %, precision within 0.02, |Z_U| + 1
+    (a testbed without an FD judge, NaN for plain, or without frequent classes, None, skips
+    what it lacks)."""
     f, p = r.frequent, plain.frequent
-    return (f.fd <= 1.02 * p.fd and not f.precision < p.precision - 0.02
+    if f is None or p is None:
+        return True
+    return ((math.isnan(p.fd) or f.fd <= 1.02 * p.fd) and not f.precision < p.precision - 0.02
             and not abs(f.z_u) > abs(p.z_u) + 1.0)
 
 
+def _legible(r: MethodResult, bands: dict = BANDS) -> bool:
+    """Every rare class's judge accuracy in the band (a testbed without a class judge, band
+    None, has no such test)."""
+    return bands["accuracy"] is None or r.rare.accuracy_min >= bands["accuracy"]
+
+
 def _on_data(r: MethodResult, bands: dict = BANDS) -> bool:
-    return r.rare.accuracy_min >= bands["accuracy"] and r.rare.precision_min >= bands["precision"]
+    return _legible(r, bands) and r.rare.precision_min >= bands["precision"]
 
 
 def meets_bands(r: MethodResult, plain: MethodResult, bands: dict | None = None) -> bool:
@@ -342,7 +363,7 @@ def _novel(r: MethodResult, plain: MethodResult, bands: dict = BANDS) -> bool:
     accuracy); frequent classes kept."""
     b = r.rare
     return (b.z_u_min >= bands["z_u"] and b.distance_ratio_min >= bands["distance_ratio"]
-            and b.accuracy_min >= bands["accuracy"] and _frequent_kept(r, plain))
+            and _legible(r, bands) and _frequent_kept(r, plain))
 
 
 def select_best(audit: AuditResult) -> MethodResult:
@@ -360,9 +381,16 @@ def select_best(audit: AuditResult) -> MethodResult:
     holds if a band's threshold moves a little. The thresholds are the testbed's
     (:func:`bands_for` of ``audit.settings["testbed"]``; the figures above are the digits').
     """
-    plain = _plain(audit)
-    bands = _audit_bands(audit)
-    steered = [r for r in audit.results if r.method.name != "plain"]
+    return choose_best(_plain(audit), [r for r in audit.results if r.method.name != "plain"],
+                       _audit_bands(audit))
+
+
+def choose_best(plain, steered, bands: dict = BANDS):
+    """:func:`select_best`'s tiers on any results: objects with ``.rare`` and ``.frequent``
+    figures as :class:`GroupFigures` names them (``frequent`` may be None: no frequent classes),
+    ``plain`` the unsteered one; ``bands`` as :data:`TESTBED_BANDS` (accuracy None: no class
+    judge). The prompt audit shares it, so every testbed picks its best by one rule."""
+    steered = list(steered)
     if not steered:
         raise ValueError("the grid has no steered method to choose from; add one besides 'plain'")
 
@@ -375,7 +403,7 @@ def select_best(audit: AuditResult) -> MethodResult:
     tiers = ((by_z, [r for r in steered if meets_bands(r, plain, bands)]),
              (by_precision, [r for r in steered if _novel(r, plain, bands)]),
              (by_z, [r for r in steered if _on_data(r, bands) and _frequent_kept(r, plain)]),
-             (by_z, [r for r in steered if r.rare.accuracy_min >= bands["accuracy"]]),
+             (by_z, [r for r in steered if _legible(r, bands)]),
              (by_z, steered))
     for key, pool in tiers:
         if pool:

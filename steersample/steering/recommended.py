@@ -29,10 +29,12 @@ def recommended_steering(reference: ReferenceSet, scale: float = 4.0) -> dict[st
     """Keyword arguments ``{"guidance": GuidanceSchedule, "steering": [steerers]}`` for a
     steered pipeline call at CFG ``scale`` against the training set ``reference``.
 
-    With class labels on the reference set: constant CFG plus :class:`NoveltySteering` (scarce
-    classes held at the distance unseen data has from the training set; the audit's best on
-    the embedded default by the data-copying test). Without labels (a prompt model's store):
-    constant CFG plus ``AttractorRepulsion(strength=0.5)`` (NoveltySteering needs classes).
+    With class labels on the reference set (a class-conditional model's training set, or a
+    prompt model's store whose labels name the prompts): constant CFG plus
+    :class:`NoveltySteering` (scarce classes held at the distance unseen data has from the
+    training set; the audit's best on the digits default and on the prompt testbed by the
+    data-copying test). Without labels: constant CFG plus ``AttractorRepulsion(strength=0.5)``
+    (NoveltySteering needs classes).
 
     Raises:
         TypeError: ``reference`` is not a ReferenceSet (steering reads the training set).

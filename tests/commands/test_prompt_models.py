@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 
+import steersample as ss
+
 from steersample import cli
 from steersample.commands import _prompt_runs
 
@@ -80,7 +82,8 @@ def test_compare_on_sd3_folder_writes_report(folder, tmp_path, capsys):
         assert set(run["groups"]) == {"rare", "frequent"}
         assert run["groups"]["rare"]["z_u_min"] is not None
     assert "accuracy" not in report["results"]["plain"] and "fd" not in report["results"]["plain"]
-    assert report["results"]["steered"]["steering"][0].startswith("AttractorRepulsion(")
+    # the store's labels name the prompts: steered is the recommended NoveltySteering()
+    assert report["results"]["steered"]["steering"] == [repr(ss.NoveltySteering())]
     md = (out / "report.md").read_text()
     assert "## Per group" in md and "| a fox | rare |" in md
     assert "wrote" in capsys.readouterr().out
@@ -99,9 +102,49 @@ def test_compare_without_prompt_labels_uses_kmeans_cells(folder, tmp_path):
                      str(tmp_path / "plain_ref"), "--heldout", str(tmp_path / "plain_held"),
                      "--prompts", str(tmp_path / "p.txt"), "--samples", "3", "--steps", "2",
                      "--sheet-samples", "1", "--out", str(out), "--no-progress"]) == 0
-    run = json.loads((out / "report.json").read_text())["results"]["plain"]
+    results = json.loads((out / "report.json").read_text())["results"]
+    run = results["plain"]
     assert list(run["groups"]) == ["all"] and run["groups"]["all"]["z_u"] is not None
     assert run["per_prompt"][0]["z_u"] is None and run["z_u_cells"].startswith("k-means")
+    # no prompt classes: NoveltySteering cannot act, the label-free steerer runs
+    assert results["steered"]["steering"][0].startswith("AttractorRepulsion(strength=0.5")
+
+
+def _row(name, z_min, dist, prec, freq_prec=0.5, freq_z=5.0):
+    per = [{"group": "rare", "distance_ratio": dist, "precision": prec},
+           {"group": "rare", "distance_ratio": dist + 0.1, "precision": prec + 0.1},
+           {"group": "frequent", "distance_ratio": 1.5, "precision": freq_prec}]
+    return {"method": name, "per_prompt": per,
+            "groups": {"rare": {"copy_rate": 0.0, "z_u": z_min + 1, "z_u_min": z_min,
+                                "distance_ratio": dist + 0.05, "precision": prec + 0.05},
+                       "frequent": {"copy_rate": 0.0, "z_u": freq_z, "z_u_min": freq_z,
+                                    "distance_ratio": 1.5, "precision": freq_prec}}}
+
+
+def test_prompt_audit_picks_by_the_digits_tiers():
+    """One rule on every testbed: meets every band (worst prompt) > novel and most precise >
+    on the data; worst-prompt figures come from the per-prompt rows; frequent prompts kept."""
+    from steersample.commands._prompt_audit import select_best
+
+    plain = _row("plain", -11.8, 0.06, 0.93)
+    blend = _row("blend", -11.4, 0.48, 0.95)
+    novel = _row("novel", -0.8, 1.0, 0.6)
+    novel_sharper = _row("novel-sharper", -2.5, 0.9, 0.7)
+    off = _row("off-data", 2.0, 1.3, 0.1)
+    assert select_best([plain, blend, novel, novel_sharper, off], "rare")["method"] == "novel-sharper"
+    # the worst prompt decides: a group precision of 0.80 (prompts 0.75 and 0.85) is not in the
+    # band, so the higher Z_U loses to the row whose every prompt is
+    mean_only = _row("mean-only", -1.0, 1.0, 0.75)
+    assert mean_only["groups"]["rare"]["precision"] == 0.8
+    assert select_best([plain, mean_only, _row("every", -2.5, 0.9, 0.8)], "rare")["method"] == "every"
+    # a copier that stays on the data beats nothing novel: highest Z_U among the precise
+    assert select_best([plain, blend, _row("near", -3.2, 1.0, 0.9)], "rare")["method"] == "near"
+    # every band met (worst prompt precision 0.8) beats the merely novel
+    banded = _row("banded", -2.9, 0.85, 0.8)
+    assert select_best([plain, novel, banded], "rare")["method"] == "banded"
+    # ... unless it costs the frequent prompts their precision
+    hurts = _row("hurts", -1.0, 0.9, 0.85, freq_prec=0.3)
+    assert select_best([plain, novel, hurts], "rare")["method"] == "novel"
 
 
 def test_audit_on_sd3_folder(folder, tmp_path):

@@ -150,8 +150,19 @@ def test_audit_command_on_a_tiny_model(tiny_folder, tmp_path, capsys):
     assert summary["settings"]["processes"] == 1
     for key in ("z_u", "z_u_min", "distance_ratio_min", "precision_min", "accuracy_min"):
         assert key in plain["rare"]
+    # what real unseen digits score for diversity, beside the samples' own: brute force
+    from steersample.default import held_out
+    from steersample.evaluation.judge import digits_judge
+
+    hx, hy = held_out(tiny_folder)
+    rare_div = sum(torch.pdist(hx[hy == c].reshape(int((hy == c).sum()), -1).double()).mean().item()
+                   for c in RARE) / len(RARE)
+    assert summary["settings"]["heldout_diversity"]["rare"] == pytest.approx(rare_div, rel=1e-6)
+    assert digits_judge().diversity(hx[hy == 2]) == pytest.approx(
+        torch.pdist(hx[hy == 2].reshape(int((hy == 2).sum()), -1).double()).mean().item(), rel=1e-6)
     markdown = (out / "audit.md").read_text()
     assert "| plain |" in markdown and "## Targets" in markdown and "attractor-0.5" in markdown
+    assert "| rare div |" in markdown and f"held-out digits: rare {rare_div:.2f}" in markdown
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "wrote" in capsys.readouterr().out
 

@@ -76,6 +76,23 @@ def test_prompt_model_offers_novelty_on_its_labelled_prompts_only(model):
     assert not torch.equal(comparison.plain.latents, comparison.steered.latents)
 
 
+def test_best_preset_is_compares_steered_run_on_a_labelled_store(model):
+    """The store labels its prompts: "best steering" is compare's NoveltySteering(); a store
+    without prompt labels falls back to attractor steering at its default strength."""
+    from dataclasses import replace
+
+    from steersample.commands._prompt_compare import prompt_settings
+    from steersample.studio.settings import preset_values
+
+    best = preset_values("best steering", 4.0, model.shift, model.kind, model.labelled)
+    steered = prompt_settings(4.0, labelled=True)[1].steering[0]
+    assert model.labelled and best["steering"] == steered.name == "novelty"
+    assert best["strength"] == steered.strength == 1.0
+    unlabelled = replace(model, prompt_labels={})
+    fallback = preset_values("best steering", 4.0, model.shift, unlabelled.kind, unlabelled.labelled)
+    assert not unlabelled.labelled and fallback["steering"] == "attractor"
+
+
 def test_a_store_without_prompt_labels_offers_no_novelty(model):
     from dataclasses import replace
 
