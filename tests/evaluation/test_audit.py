@@ -213,3 +213,31 @@ def test_attractor_repulsion_removes_rare_class_copies_of_the_default_model():
     assert class_accuracy(steered[:n], rare) >= 0.8
     # frequent classes are not scarce and do not fall into attractors: bit for bit unchanged
     assert torch.equal(steered[n:], plain[n:])
+
+
+def test_novelty_frontier_script_on_a_tiny_model(tiny_folder, capsys):
+    """scripts/novelty_frontier.py: plain plus the NoveltySteering settings of its table, each
+    judged on the audit's seeds; the default row is exactly ss.NoveltySteering()."""
+    import importlib.util
+    from pathlib import Path
+
+    import steersample as ss
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "novelty_frontier.py"
+    spec = importlib.util.spec_from_file_location("novelty_frontier", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    grid = module.frontier_grid()
+    names = [m.name for m in grid]
+    assert names[0] == "plain" and len(set(names)) == len(names) == 8
+    default = grid[names.index("toward_mean=0.85 (default)")]
+    assert repr(default.steering[0]) == repr(ss.NoveltySteering())
+    previous = grid[names.index("one leaning push (previous release)")].steering[0]
+    assert (previous.iterations, previous.leaning, previous.toward_mean) == (3, 1, 0.7)
+    assert module.main(["--model", str(tiny_folder), "--rare-samples", "3", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
+    assert [r.split(" | ")[0][2:] for r in rows] == names
+    assert "held-out diversity" in out
+    with pytest.raises(SystemExit):
+        module.main(["--model", str(tiny_folder), "--rare-samples", "1"])
