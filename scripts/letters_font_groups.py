@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import steersample as ss
     from steersample.default import load_default_info
-    from steersample.evaluation.audit import Method, run_audit
+    from steersample.evaluation.audit import Method, rare_table, run_audit
     from steersample.sampling.guidance import GuidanceSchedule
 
     pipe, reference = ss.load_default("letters")
@@ -60,13 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             Method("novelty, font groups", "novelty", 1.0, cfg, (ss.NoveltySteering(groups=groups),)))
     audit = run_audit(pipe, reference, info, grid, rare_samples=args.rare_samples, frequent_samples=2,
                       seed=args.seed, timing_repeats=0)
-    print("| method | rare Z_U (worst) | distance (worst) | precision (worst) | accuracy (worst) |")
-    print("|---|---|---|---|---|")
-    for r in audit.results:
-        f = r.rare
-        print(f"| {r.method.name} | {f.z_u:+.1f} ({f.z_u_min:+.1f}) | {f.distance_ratio:.2f} "
-              f"({f.distance_ratio_min:.2f}) | {f.precision:.2f} ({f.precision_min:.2f}) | "
-              f"{f.accuracy:.2f} ({f.accuracy_min:.2f}) |")
+    print("\n".join(rare_table(audit)))
     return 0
 
 

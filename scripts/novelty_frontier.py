@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import steersample as ss
     from steersample.default import load_default_info
-    from steersample.evaluation.audit import run_audit
+    from steersample.evaluation.audit import rare_table, run_audit
 
     path = None if args.model == "digits" else args.model
     pipe, reference = ss.load_default(path)
@@ -70,13 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     held = audit.settings["heldout_diversity"]["rare"]
     print(f"{args.model}: rare classes {list(info.rare_classes)} x {args.rare_samples}, seed {args.seed}; "
           f"held-out diversity {held:.2f}")
-    print("| setting | rare Z_U (worst) | distance (worst) | precision (worst) | accuracy (worst) | diversity |")
-    print("|---|---|---|---|---|---|")
-    for r in audit.results:
-        f = r.rare
-        print(f"| {r.method.name} | {f.z_u:+.1f} ({f.z_u_min:+.1f}) | {f.distance_ratio:.2f} "
-              f"({f.distance_ratio_min:.2f}) | {f.precision:.2f} ({f.precision_min:.2f}) | "
-              f"{f.accuracy:.2f} ({f.accuracy_min:.2f}) | {f.diversity:.2f} |")
+    print("\n".join(rare_table(audit, diversity=True)))
     return 0
 
 

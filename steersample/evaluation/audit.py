@@ -33,7 +33,7 @@ from steersample.sampling.guidance import GuidanceSchedule
 from steersample.steering.representation import RepresentationSteering
 
 __all__ = ["Method", "default_grid", "quick_grid", "MethodResult", "AuditResult", "run_audit",
-           "select_best", "choose_best", "targets", "meets_bands", "BANDS", "TESTBED_BANDS", "bands_for",
+           "select_best", "choose_best", "targets", "meets_bands", "rare_table", "BANDS", "TESTBED_BANDS", "bands_for",
            "BEST_STRENGTH", "REFERENCE_FREE", "DETECTOR_FRACTIONS"]
 
 REFERENCE_FREE = ("cond_deviation", "spikiness")
@@ -274,6 +274,19 @@ def run_audit(pipe, reference, info, grid: Sequence[Method], *, rare_samples: in
                     heldout_diversity={"rare": _mean_diversity(judge, held_x, held_y, rare),
                                        "frequent": _mean_diversity(judge, held_x, held_y, frequent)})
     return AuditResult(results, settings)
+
+
+def rare_table(audit: AuditResult, diversity: bool = False) -> list[str]:
+    """Markdown lines: one row per method of ``audit`` with its rare group's Z_U C_T, distance
+    ratio, precision and accuracy, the worst class in brackets (and the group's diversity)."""
+    head = "| method | rare Z_U (worst) | distance (worst) | precision (worst) | accuracy (worst) |"
+    lines = [head + (" diversity |" if diversity else ""), "|---|---|---|---|---|" + ("---|" if diversity else "")]
+    for r in audit.results:
+        f = r.rare
+        lines.append(f"| {r.method.name} | {f.z_u:+.1f} ({f.z_u_min:+.1f}) | {f.distance_ratio:.2f} "
+                     f"({f.distance_ratio_min:.2f}) | {f.precision:.2f} ({f.precision_min:.2f}) | "
+                     f"{f.accuracy:.2f} ({f.accuracy_min:.2f}) |" + (f" {f.diversity:.2f} |" if diversity else ""))
+    return lines
 
 
 def _mean_diversity(judge, x: torch.Tensor, y: torch.Tensor, classes) -> float:

@@ -236,8 +236,9 @@ def test_novelty_frontier_script_on_a_tiny_model(tiny_folder, capsys):
     assert (previous.iterations, previous.leaning, previous.toward_mean) == (3, 1, 0.7)
     assert module.main(["--model", str(tiny_folder), "--rare-samples", "3", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [r.split(" | ")[0][2:] for r in rows] == names
-    assert "held-out diversity" in out
+    assert "held-out diversity" in out and sum(line.startswith("|---") for line in out.splitlines()) == 1
+    assert all(len(r.strip("| ").split(" | ")) == 6 for r in rows)   # method, Z_U, distance, precision, accuracy, diversity
     with pytest.raises(SystemExit):
         module.main(["--model", str(tiny_folder), "--rare-samples", "1"])

@@ -245,13 +245,20 @@ def _push_once(steerer, ref, x0, labels, target):
     return steerer._push(x0.clone(), target, ref, (ref.dim,), fit, labels), fit
 
 
-def test_toward_mean_zero_is_the_tangent_push_and_one_leans_on_the_class_mean():
+def _near_training(rows: list[int], seed: int, distance: float):
+    """A labelled 6-d reference set, samples jittered off its ``rows``, their labels, a target
+    ``distance`` each, and the class means of those labels."""
     ref = _labelled(n=60, dim=6)
     flat = ref.latents.double()
-    g = torch.Generator().manual_seed(5)
-    x0 = flat[[0, 4, 8]] + 0.05 * torch.randn(3, 6, generator=g, dtype=torch.float64)
-    labels = ref.labels[[0, 4, 8]]
-    target = torch.full((3,), 1.2, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    x0 = flat[rows] + 0.05 * torch.randn(len(rows), 6, generator=g, dtype=torch.float64)
+    labels = ref.labels[rows]
+    mean = torch.stack([flat[ref.labels == c].mean(0) for c in labels.tolist()])
+    return ref, flat, x0, labels, torch.full((len(rows),), distance, dtype=torch.float64), mean
+
+
+def test_toward_mean_zero_is_the_tangent_push_and_one_leans_on_the_class_mean():
+    ref, flat, x0, labels, target, mean = _near_training([0, 4, 8], seed=5, distance=1.2)
     # alpha = 0: the earlier floor, push_to_distance along the tangent at the nearest sample
     tangent_only = ss.NoveltySteering(toward_mean=0.0, iterations=1, neighbours=10, directions=2)
     out, fit = _push_once(tangent_only, ref, x0, labels, target)
@@ -262,7 +269,6 @@ def test_toward_mean_zero_is_the_tangent_push_and_one_leans_on_the_class_mean():
     # alpha = 1: the first push goes straight from the nearest sample T towards its class mean
     inward = ss.NoveltySteering(toward_mean=1.0, iterations=1, leaning=1, neighbours=10, directions=2)
     out, fit = _push_once(inward, ref, x0, labels, target)
-    mean = torch.stack([flat[ref.labels == c].mean(0) for c in labels.tolist()])
     unclipped = push_along(x0, rows[:, 0], mean - rows[:, 0], target)
     assert torch.allclose(out, torch.maximum(torch.minimum(unclipped, fit.hi), fit.lo), atol=1e-12)
     moved = unclipped - x0
@@ -272,16 +278,10 @@ def test_toward_mean_zero_is_the_tangent_push_and_one_leans_on_the_class_mean():
 
 
 def test_all_pushes_but_the_last_lean_and_the_last_holds_the_floor_along_the_tangent():
-    ref = _labelled(n=60, dim=6)
-    flat = ref.latents.double()
-    g = torch.Generator().manual_seed(9)
-    x0 = flat[[3, 6, 9]] + 0.05 * torch.randn(3, 6, generator=g, dtype=torch.float64)
-    labels = ref.labels[[3, 6, 9]]
-    target = torch.full((3,), 1.1, dtype=torch.float64)
+    ref, flat, x0, labels, target, mean = _near_training([3, 6, 9], seed=9, distance=1.1)
     steerer = ss.NoveltySteering(toward_mean=0.6, iterations=3, neighbours=10, directions=2)
     assert steerer.leaning == 2 and ss.NoveltySteering().leaning == ss.NoveltySteering().iterations - 1
     out, fit = _push_once(steerer, ref, x0, labels, target)
-    mean = torch.stack([flat[ref.labels == c].mean(0) for c in labels.tolist()])
     expect = x0.clone()
     for i in range(3):   # brute force: the nearest sample and its tangent basis afresh each push
         idx = torch.cdist(expect, flat).argmin(1)
