@@ -31,6 +31,7 @@ from steersample.steering.detect import (ConditionalDeviation, PosteriorConcentr
                                 detection_curve, score_matrix)
 from steersample.sampling.guidance import GuidanceSchedule
 from steersample.steering.representation import RepresentationSteering
+from steersample.steering.recommended import recommended_for_scale
 
 __all__ = ["Method", "default_grid", "quick_grid", "MethodResult", "AuditResult", "run_audit",
            "select_best", "choose_best", "targets", "meets_bands", "rare_table", "BANDS", "TESTBED_BANDS", "bands_for",
@@ -64,7 +65,8 @@ def default_grid(w: float) -> tuple[Method, ...]:
     navigation only (unconditional refinement for every sample); AttractorRepulsion at several
     strengths and triggers, with and without its per-sample navigation delay for scarce classes;
     RepresentationSteering; NoveltySteering at its data-derived distance targets and at two
-    scaled-down targets (the distance / precision frontier); combinations (18 grid points)."""
+    scaled-down targets (the distance / precision frontier) and with CFG in navigation only
+    (``recommended_steering``'s setting); combinations (19 grid points)."""
     plain = GuidanceSchedule.constant(w)
     delayed = GuidanceSchedule.delayed(w, JAIN_DELAY_SIGMA)
     interval = GuidanceSchedule.interval(w, 0.4, 0.9)
@@ -91,6 +93,9 @@ def default_grid(w: float) -> tuple[Method, ...]:
     grid += [Method("novelty", "novelty", 1.0, plain, (NoveltySteering(),))]
     grid += [Method(f"novelty-target-{t:g}", "novelty", t, plain, (NoveltySteering(strength=t),))
              for t in (0.92, 0.85)]
+    recommended = recommended_for_scale(w)   # NoveltySteering() with CFG in navigation only
+    grid += [Method("novelty+cfg-navigation-only", "novelty", 1.0, recommended["guidance"],
+                    tuple(recommended["steering"]))]
     grid += [
         Method("attractor-0.5+jain-delayed", "combination", 0.5, delayed, (ar(0.5),)),
         Method("attractor-0.5+representation-0.5", "combination", 0.5, plain,
@@ -101,7 +106,8 @@ def default_grid(w: float) -> tuple[Method, ...]:
 
 def quick_grid(w: float) -> tuple[Method, ...]:
     """Plain, the two Jain presets, AttractorRepulsion(0.5) and NoveltySteering()."""
-    keep = {"plain", "jain-delayed", "jain-opposite", f"attractor-{BEST_STRENGTH:g}", "novelty"}
+    keep = {"plain", "jain-delayed", "jain-opposite", f"attractor-{BEST_STRENGTH:g}", "novelty",
+            "novelty+cfg-navigation-only"}
     return tuple(m for m in default_grid(w) if m.name in keep)
 
 
@@ -407,11 +413,14 @@ def choose_best(plain, steered, bands: dict = BANDS):
     if not steered:
         raise ValueError("the grid has no steered method to choose from; add one besides 'plain'")
 
+    def frequent(r: MethodResult) -> float:   # ties (same rare figures): the better frequent classes
+        return -math.inf if r.frequent is None else _finite(r.frequent.precision)
+
     def by_z(r: MethodResult):
-        return (_finite(r.rare.z_u_min), _finite(r.rare.precision_min))
+        return (_finite(r.rare.z_u_min), _finite(r.rare.precision_min), frequent(r))
 
     def by_precision(r: MethodResult):
-        return (_finite(r.rare.precision_min), _finite(r.rare.z_u_min))
+        return (_finite(r.rare.precision_min), _finite(r.rare.z_u_min), frequent(r))
 
     tiers = ((by_z, [r for r in steered if meets_bands(r, plain, bands)]),
              (by_precision, [r for r in steered if _novel(r, plain, bands)]),

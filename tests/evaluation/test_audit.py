@@ -11,6 +11,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+import steersample as ss
+
 from steersample.steering.attractor import AttractorRepulsion
 from steersample.evaluation.audit import (BEST_STRENGTH, AuditResult, GroupFigures, Method, MethodResult,
                                default_grid, quick_grid, select_best, targets)
@@ -76,6 +78,18 @@ def test_select_best_ranks_by_heldout_novelty_within_the_bands():
         select_best(AuditResult((audit.results[0],), {}))
 
 
+def test_equal_rare_figures_go_to_the_better_frequent_classes():
+    """NoveltySteering with and without CFG in navigation only share every rare figure (it
+    replaces the rare samples' prediction); the frequent classes then decide, in either order."""
+    plain = result("plain", "plain", figures())
+    rare = figures(z=-2.0, dist=0.95, prec=0.85, copy=0.0)
+    constant = result("novelty", "novelty", rare)
+    window = result("novelty+cfg-navigation-only", "novelty", rare,
+                    frequent=figures(z=3.0, dist=1.2, prec=0.76, fd=1.8, copy=0.0))
+    for order in ((plain, constant, window), (plain, window, constant)):
+        assert select_best(AuditResult(order, {})).method.name == "novelty+cfg-navigation-only"
+
+
 def test_bands_are_per_testbed():
     """Letters (issue #15 part 4): accuracy >= 0.85, precision >= 0.7; digits unchanged."""
     from steersample.evaluation.audit import BANDS, TESTBED_BANDS, bands_for, meets_bands
@@ -103,11 +117,15 @@ def test_bands_are_per_testbed():
 def test_grids():
     names = [m.name for m in default_grid(2.0)]
     assert names[:4] == ["plain", "jain-delayed", "jain-opposite", "cfg-interval"]
-    assert len(names) == len(set(names)) <= 18
-    assert {"novelty", "novelty-target-0.92", "novelty-target-0.85"} <= set(names)
+    assert len(names) == len(set(names)) <= 19
+    assert {"novelty", "novelty-target-0.92", "novelty-target-0.85", "novelty+cfg-navigation-only"} <= set(names)
+    recommended = ss.recommended_steering(ss.ReferenceSet(torch.randn(4, 2), labels=torch.arange(4) % 2), 2.0)
+    pick = next(m for m in default_grid(2.0) if m.name == "novelty+cfg-navigation-only")
+    assert pick.guidance == recommended["guidance"]
+    assert [repr(s) for s in pick.steering] == [repr(s) for s in recommended["steering"]]
     assert any(m.family == "combination" for m in default_grid(2.0))
     assert [m.name for m in quick_grid(2.0)] == ["plain", "jain-delayed", "jain-opposite",
-                                                "attractor-0.5", "novelty"]
+                                                "attractor-0.5", "novelty", "novelty+cfg-navigation-only"]
     no_delay = [m for m in default_grid(2.0) if m.family == "attractor-no-delay"]
     assert no_delay and all(m.steering[0].scarce == 0 for m in no_delay)
     jain = default_grid(3.0)[1].guidance
