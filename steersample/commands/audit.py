@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heldout", type=Path, default=None, metavar="STORE",
                         help="prompt models: held-out real latents (store folder or .safetensors)")
     parser.add_argument("--grid", choices=["default", "quick"], default="default",
-                        help="quick: plain, the Jain presets, AttractorRepulsion(0.5) and NoveltySteering()")
+                        help="quick: plain, the Jain presets, AttractorRepulsion(0.5) and NoveltySteering() "
+                             "with constant CFG and with CFG in navigation only")
     parser.add_argument("--rare-samples", type=int, default=128, help="samples per rare class")
     parser.add_argument("--frequent-samples", type=int, default=48,
                         help="samples per frequent class")

@@ -4,8 +4,9 @@ Loads the embedded default model (or --model FOLDER written by scripts/train_def
 scripts/train_letters.py, or a default's name: digits, letters),
 draws --samples images of every requested class twice from the same initial noise: once plain
 (constant CFG at --guidance) and once steered (the setting named in the report:
-``ss.recommended_steering``, today the same CFG plus NoveltySteering(), the best setting of
-`steersample audit`; a prompt model's store without prompt labels gets AttractorRepulsion(0.5)).
+``ss.recommended_steering``, today the same CFG in navigation only (sigma > 0.6, the
+unconditional prediction below) plus NoveltySteering(), the best setting of `steersample audit`;
+a prompt model's store without prompt labels gets constant CFG plus AttractorRepulsion(0.5)).
 Every sample is
 judged by steersample.evaluation.judge:
 copy = ratio test d(NN1)/d(NN2) < 1/3 against the model's training set; class accuracy = an
@@ -108,8 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="samples per class, for each of plain and steered")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
-                        help="CFG scale for both runs (steered: NoveltySteering replaces it for "
-                             "rare-class samples below sigma 0.9)")
+                        help="CFG scale for both runs (steered: for sigma > 0.6 only, and "
+                             "NoveltySteering replaces it for rare-class samples below sigma 0.9)")
     parser.add_argument("--seed", type=int, default=0,
                         help=f"base seed; sample k of class c uses seed + {_SEED_STRIDE}*c + k")
     parser.add_argument("--sheet-samples", type=int, default=8,

@@ -105,7 +105,8 @@ def default_grid(w: float) -> tuple[Method, ...]:
 
 
 def quick_grid(w: float) -> tuple[Method, ...]:
-    """Plain, the two Jain presets, AttractorRepulsion(0.5) and NoveltySteering()."""
+    """Plain, the two Jain presets, AttractorRepulsion(0.5) and NoveltySteering() with constant
+    CFG and with CFG in navigation only (the recommended setting)."""
     keep = {"plain", "jain-delayed", "jain-opposite", f"attractor-{BEST_STRENGTH:g}", "novelty",
             "novelty+cfg-navigation-only"}
     return tuple(m for m in default_grid(w) if m.name in keep)
